@@ -1,0 +1,1 @@
+"""Data layer: the dataset store, ingest, synthetic tissue, crops, sampling, pipeline, augmentations."""

@@ -1,0 +1,82 @@
+"""Grain pipelines from cell indices to host batches, and host batches to device.
+
+Training reads as one chain::
+
+  MapDataset.source(EpochSampler) -> map(read crop) -> batch -> to_iter_dataset
+      [-> mp_prefetch(workers)]
+
+Its iterator's state (a position in the sampler) is saved with the train state
+so a resumed run reads exactly the batches it would have read. Evaluation reads
+cells in order and pads the last batch, so one compiled program serves all.
+
+A host batch is a dict of numpy arrays: crop [B, K+2, S, S] float32, label [B]
+int32, index [B] int64 (row of cells.parquet; -1 marks padding).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cellrep.data.crops import CropSource
+from cellrep.data.sampling import EpochSampler
+
+
+class ReadCrop(grain.transforms.Map):
+  """Cell index -> crop dict, through a CropSource (pickled to Grain workers)."""
+
+  def __init__(self, source: CropSource):
+    self.source = source
+
+  def map(self, index):
+    return self.source[index]
+
+
+def train_dataset(source: CropSource, sampler: EpochSampler, batch_size: int, *,
+                  workers: int = 0, threads: int = 8, prefetch: int = 2) -> grain.IterDataset:
+  """Batches of `batch_size` crops of the cells `sampler` draws; drops a last partial batch."""
+  ds = (grain.MapDataset.source(sampler)
+        .map(ReadCrop(source))
+        .batch(batch_size, drop_remainder=True)
+        .to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                           prefetch_buffer_size=prefetch * batch_size)))
+  if workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds
+
+
+def eval_batches(source: CropSource, indices: np.ndarray, batch_size: int, *,
+                 threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+  """Crops of `indices` in order, in batches of exactly `batch_size`; padding has index -1."""
+  ds = (grain.MapDataset.source(np.asarray(indices, np.int64))
+        .map(ReadCrop(source))
+        .batch(batch_size, drop_remainder=False)
+        .to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                           prefetch_buffer_size=2 * batch_size)))
+  for batch in ds:
+    n = len(batch["index"])
+    if n < batch_size:
+      batch = {k: _pad(v, batch_size) for k, v in batch.items()}
+      batch["index"][n:] = -1
+    yield batch
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+  out = np.zeros((size,) + x.shape[1:], x.dtype)
+  out[:len(x)] = x
+  return out
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch axis split over the mesh's `data` axis, replicated over `member`."""
+  return NamedSharding(mesh, P("data"))
+
+
+def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A host batch as global arrays sharded along the batch axis (works across hosts)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items() if k in ("crop", "label")}

@@ -1,0 +1,130 @@
+"""Which cells train and evaluate, and in what order: FOV splits, class caps, balanced epochs.
+
+CellSighter (train.py) balances classes with a `WeightedRandomSampler` whose
+weight per cell is total / count(category), with categories either the classes
+or coarse lineages from `hierarchy_match`; an epoch draws len(train) cells with
+replacement. `EpochSampler` does the same, deterministically from (seed, epoch),
+as a random-access sequence of cell indices that Grain can read from any
+position (so a resumed run sees the same cells).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from cellrep.errors import ConfigError
+
+BALANCE = ("none", "class", "hierarchy")
+
+
+def split_fovs(fovs: Sequence[str], val_fovs: Sequence[str] = (), val_fraction: float = 0.2,
+               seed: int = 0) -> tuple[list[str], list[str]]:
+  """(train, validation) FOV names. Explicit `val_fovs` win; else a seeded fraction (≥ 1 FOV).
+
+  With a single FOV there is nothing to hold out: both lists hold it.
+  """
+  fovs = list(fovs)
+  if val_fovs:
+    unknown = sorted(set(val_fovs) - set(fovs))
+    if unknown:
+      raise ConfigError("data.val_fovs", f"unknown FOVs {unknown}", f"names among {fovs[:20]}")
+    val = [f for f in fovs if f in set(val_fovs)]
+  elif len(fovs) == 1:
+    return fovs, fovs
+  else:
+    n_val = min(len(fovs) - 1, max(1, int(round(val_fraction * len(fovs)))))
+    order = np.random.default_rng(seed).permutation(len(fovs))
+    val = [fovs[i] for i in sorted(order[:n_val])]
+  train = [f for f in fovs if f not in set(val)]
+  if not train:
+    raise ConfigError("data.val_fovs", "every FOV is held out", "at least one training FOV")
+  return train, val
+
+
+def cap_per_class(indices: np.ndarray, labels: np.ndarray, max_per_class: int,
+                  seed: int = 0) -> np.ndarray:
+  """At most `max_per_class` cells of each class (CellSighter's `size_data`); 0 = no cap."""
+  if max_per_class <= 0:
+    return indices
+  rng = np.random.default_rng(seed)
+  kept = []
+  for c in np.unique(labels[indices]):
+    members = indices[labels[indices] == c]
+    if len(members) > max_per_class:
+      members = rng.choice(members, max_per_class, replace=False)
+    kept.append(members)
+  return np.sort(np.concatenate(kept))
+
+
+def sample_weights(labels: np.ndarray, balance: str = "class",
+                   categories: Mapping[int, str] | None = None) -> np.ndarray:
+  """Per-cell sampling weight: total / count(category), CellSighter's rule.
+
+  labels: [N] class index per cell (all ≥ 0). balance "none" → uniform; "class" →
+  each class equally often; "hierarchy" → each category of `categories`
+  (class index → coarse category) equally often.
+  """
+  if balance == "none":
+    return np.ones(len(labels))
+  if balance == "hierarchy":
+    if not categories:
+      raise ConfigError("data.hierarchy", "balance='hierarchy' needs a class → category map",
+                        "a mapping of every class name to a category")
+    keys = np.array([categories[int(c)] for c in labels])
+  elif balance == "class":
+    keys = labels
+  else:
+    raise ConfigError("data.balance", f"{balance!r} is not a known choice", f"one of {list(BALANCE)}")
+  _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+  return len(labels) / counts[inverse]
+
+
+class EpochSampler:
+  """A random-access sequence of cell indices: `num_samples` draws in epochs of len(indices).
+
+  Epoch e is drawn from `np.random.default_rng((seed, e))`: with replacement and
+  probability ∝ weights when weights are given, else a permutation. Item i only
+  depends on (seed, i), so any position can be read, by any worker, in any order.
+  """
+
+  def __init__(self, indices: np.ndarray, num_samples: int, seed: int,
+               weights: np.ndarray | None = None):
+    self.indices = np.asarray(indices, np.int64)
+    if len(self.indices) == 0:
+      raise ValueError("no cells to sample from")
+    self.num_samples = int(num_samples)
+    self.seed = int(seed)
+    self.p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    # (epoch, order) swapped as one reference: Grain reads from several threads.
+    self._cache = (-1, None)
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def __repr__(self) -> str:
+    return (f"EpochSampler(cells={len(self.indices)}, num_samples={self.num_samples}, "
+            f"seed={self.seed}, weighted={self.p is not None})")
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state["_cache"] = (-1, None)
+    return state
+
+  def epoch(self, e: int) -> np.ndarray:
+    rng = np.random.default_rng((self.seed, e))
+    n = len(self.indices)
+    if self.p is None:
+      return self.indices[rng.permutation(n)]
+    return self.indices[rng.choice(n, size=n, replace=True, p=self.p)]
+
+  def __getitem__(self, i: int) -> int:
+    if not 0 <= i < self.num_samples:
+      raise IndexError(i)
+    e, j = divmod(int(i), len(self.indices))
+    cached_epoch, order = self._cache
+    if cached_epoch != e:
+      order = self.epoch(e)
+      self._cache = (e, order)
+    return int(order[j])

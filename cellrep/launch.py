@@ -1,0 +1,94 @@
+r"""Runs one cellrep job from a config file.
+
+  python -m cellrep.launch --config=configs/demo.py --workdir=workdir/demo
+  python -m cellrep.launch --config=configs/cellsighter.py:runlocal --workdir=DIR \
+      --config.train.steps=200
+
+The config's `task` names a module of `cellrep.tasks` whose `run(config, workdir)`
+does the work. This file only parses flags, sets up logging and the persistent
+compilation cache, and reports errors of input or configuration as one line on
+stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cellrep.errors import CellrepError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with `:arg` (configs/cellsighter.py:runlocal).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("CELLREP_COMPILATION_CACHE",
+                                        str(pathlib.Path.home() / ".cache" / "cellrep" / "jax")),
+    "Persistent XLA compilation cache directory ('' disables it).")
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str):
+  print(f"cellrep: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except CellrepError as e:  # a config file's own check of its `:arg`
+    _fail(str(e))
+  except flags.Error as e:
+    # Config files raise CellrepError for bad `:arg` values; absl wraps it.
+    cause = e.__cause__ or e.__context__
+    _fail(str(cause) if isinstance(cause, CellrepError) else str(e))
+
+
+def enable_compilation_cache(directory: str) -> None:
+  if not directory:
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_task(config, workdir: pathlib.Path):
+  """Imports `cellrep.tasks.<config.task>` and runs it."""
+  try:
+    module = importlib.import_module(f"cellrep.tasks.{config.task}")
+  except ModuleNotFoundError as e:
+    if e.name == f"cellrep.tasks.{config.task}":
+      raise CellrepError(f"config.task: unknown task {config.task!r}") from None
+    raise
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    _fail("--config is required (for example --config=configs/demo.py)")
+  if _WORKDIR.value is None:
+    _fail("--workdir is required")
+  if "task" not in config:
+    _fail("the config has no `task` field naming a module of cellrep.tasks")
+  workdir = pathlib.Path(_WORKDIR.value)
+  workdir.mkdir(parents=True, exist_ok=True)
+  enable_compilation_cache(_CACHE.value)
+  logging.info("task %s, workdir %s\n%s", config.task, workdir, config)
+  try:
+    run_task(config, workdir)
+  except CellrepError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,48 @@
+"""Orbax checkpoints of the train state together with the Grain iterator's position.
+
+One `Composite` per step (`state` + `data`), so a resumed run continues with
+exactly the batches it would have seen. Saving happens only after the loss has
+been checked finite, so the latest checkpoint is always a good one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import grain
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory, max_to_keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state at `step` (placed by `abstract_state`'s shardings); sets `data_iterator` in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

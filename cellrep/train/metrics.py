@@ -1,0 +1,57 @@
+"""Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard events (tensorboardX).
+
+clu's metric writers import TensorFlow; this writer needs only tensorboardX.
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+
+
+def _plain(v):
+  if isinstance(v, (np.generic, np.ndarray)):
+    v = v.item() if np.ndim(v) == 0 else v.tolist()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/Inf
+  return v
+
+
+class MetricWriter:
+
+  def __init__(self, workdir, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    workdir = pathlib.Path(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self._tb = None
+    if self.enabled and tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if np.ndim(v) == 0 and isinstance(_plain(v), (int, float)):
+          self._tb.add_scalar(k, float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

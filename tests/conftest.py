@@ -1,0 +1,28 @@
+"""Test setup: 8 virtual CPU devices, a persistent compilation cache, the shared data."""
+
+import os
+import pathlib
+
+# Before any other use of jax: 8 CPU devices for mesh tests.
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("CELLREP_COMPILATION_CACHE", str(REPO / ".cache" / "jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  """../shared/data beside the repository (read in place, never copied)."""
+  if not SHARED_DATA.is_dir():
+    pytest.fail(f"{SHARED_DATA} is missing: clone cellrep next to the shared/ folder")
+  return SHARED_DATA
