@@ -32,6 +32,15 @@ _CACHE = flags.DEFINE_string(
     "Persistent XLA compilation cache directory ('' disables it).")
 
 EXIT_USAGE = 2
+# Libraries whose INFO lines (one per checkpoint file, thread and timing) drown the run's own.
+_QUIET = ("/orbax/", "/grain/", "/jax/_src/")
+
+
+class _QuietLibraries:
+  """absl-handler filter: warnings and errors from everyone, INFO only from cellrep."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(p in record.pathname for p in _QUIET)
 
 
 def _fail(message: str):
@@ -44,6 +53,10 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except CellrepError as e:  # a config file's own check of its `:arg`
     _fail(str(e))
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections raises these for --config.x=v naming an unknown key or a bad value.
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    _fail(f"bad config override: {' '.join(str(message).split())}")
   except flags.Error as e:
     # Config files raise CellrepError for bad `:arg` values; absl wraps it.
     cause = e.__cause__ or e.__context__
@@ -73,13 +86,18 @@ def run_task(config, workdir: pathlib.Path):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    has_task = config is not None and "task" in config
+  except OSError as e:  # ml_collections defers a failed config load to first access
+    _fail(" ".join(str(e).split()))
   if config is None:
     _fail("--config is required (for example --config=configs/demo.py)")
   if _WORKDIR.value is None:
     _fail("--workdir is required")
-  if "task" not in config:
+  if not has_task:
     _fail("the config has no `task` field naming a module of cellrep.tasks")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = pathlib.Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
   enable_compilation_cache(_CACHE.value)

@@ -1,0 +1,111 @@
+"""Ensemble prediction: per-member class probabilities, their mean, argmax class and confidence.
+
+CellSighter's rule: the ensemble's probability is the mean of the members'
+softmax outputs, its class the argmax and its confidence the max of that mean.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cellrep.data.pipeline import to_device
+from cellrep.train.ensemble import resolve_strategy
+from cellrep.train.state import member_sharding
+
+
+def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
+                    strategy: str = "auto") -> Callable:
+  """(variables with member axis, crops [B, C, S, S]) -> probabilities [M, B, classes] float32."""
+  strategy = resolve_strategy(strategy)
+  batch_sh = NamedSharding(mesh, P("data"))
+
+  def member_probs(variables, crops):
+    logits = model.apply(variables, preprocess(crops), train=False)
+    return jax.nn.softmax(logits, axis=-1)
+
+  if strategy in ("vmap", "map"):
+    if strategy == "vmap":
+      fn = jax.vmap(member_probs, in_axes=(0, None))
+    else:
+      def fn(variables, crops):
+        return jax.lax.map(lambda v: member_probs(v, crops), variables)
+    return jax.jit(fn, in_shardings=(member_sharding(mesh), batch_sh),
+                   out_shardings=NamedSharding(mesh, P("member", "data")))
+
+  # loop: one compiled single-member program, member index dynamic.
+  one = jax.jit(lambda variables, crops, m: member_probs(jax.tree.map(lambda x: x[m], variables),
+                                                         crops))
+
+  def loop(variables, crops):
+    members = jax.tree.leaves(variables)[0].shape[0]
+    return jnp.stack([one(variables, crops, jnp.int32(m)) for m in range(members)])
+
+  return loop
+
+
+def predict(variables, predict_fn: Callable, batches: Iterable[dict], data_sharding
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Runs `predict_fn` over host batches (padding has index -1).
+
+  Returns (indices [N] int64, member probabilities [N, M, classes] float32).
+  """
+  indices, probs = [], []
+  for batch in batches:
+    keep = batch["index"] >= 0
+    out = np.asarray(predict_fn(variables, to_device(batch, data_sharding)["crop"]))
+    indices.append(batch["index"][keep])
+    probs.append(np.transpose(out, (1, 0, 2))[keep])
+  return np.concatenate(indices), np.concatenate(probs)
+
+
+def ensemble(member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """member_probs [N, M, C] -> (mean probabilities [N, C], class [N], confidence [N])."""
+  mean = member_probs.mean(axis=1)
+  return mean, mean.argmax(axis=1), mean.max(axis=1)
+
+
+def predictions_table(cells: pd.DataFrame, classes, member_probs: np.ndarray) -> pd.DataFrame:
+  """One row per cell of `cells` (rows aligned with member_probs).
+
+  Columns: cell_id, fov, fov_name, label, pred, confidence, prob_<class> per class,
+  plus the cells' Metadata_* columns.
+  """
+  mean, pred, conf = ensemble(member_probs)
+  classes = list(classes)
+  out = pd.DataFrame({
+      "cell_id": cells.cell_id.to_numpy(),
+      "fov": cells.fov.to_numpy(),
+      "fov_name": cells.fov_name.to_numpy(),
+      "label": cells.label.to_numpy(),
+      "pred": pd.array([classes[i] for i in pred], dtype="string"),
+      "confidence": conf.astype(np.float32),
+  })
+  for i, c in enumerate(classes):
+    out[f"prob_{c}"] = mean[:, i].astype(np.float32)
+  for col in cells.columns:
+    if col.startswith("Metadata_"):
+      out[col] = cells[col].to_numpy()
+  return out
+
+
+def cellsighter_csv(predictions: pd.DataFrame, classes) -> pd.DataFrame:
+  """CellSighter's results CSV: pred, pred_prob, label, cell_id, image_id, prob_list.
+
+  Classes are integer ids (index into `classes`), -1 for unlabelled, as CellSighter writes.
+  """
+  index = {c: i for i, c in enumerate(classes)}
+  probs = predictions[[f"prob_{c}" for c in classes]].to_numpy()
+  return pd.DataFrame({
+      "pred": [index[p] for p in predictions.pred],
+      "pred_prob": predictions.confidence.to_numpy(),
+      "label": [index.get(l, -1) if isinstance(l, str) else -1 for l in predictions.label],
+      "cell_id": predictions.cell_id.to_numpy(),
+      "image_id": predictions.fov_name.to_numpy(),
+      "prob_list": [str(list(map(float, p))) for p in probs],
+  })

@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+
+from cellrep.infer.predict import (cellsighter_csv, ensemble, make_predict_fn, predict,
+                                   predictions_table)
+from cellrep.models.resnet import ResNet
+from cellrep.train.ensemble import make_mesh
+from cellrep.train.state import create_state
+from cellrep.data.pipeline import data_sharding
+
+
+def _nhwc(crops):
+  return jnp.transpose(crops, (0, 2, 3, 1))
+
+
+def test_ensemble_is_mean_argmax_max():
+  p = np.array([[[0.6, 0.4], [0.2, 0.8]], [[0.9, 0.1], [0.7, 0.3]]])  # [N=2, M=2, C=2]
+  mean, pred, conf = ensemble(p)
+  np.testing.assert_allclose(mean, [[0.4, 0.6], [0.8, 0.2]])
+  assert pred.tolist() == [1, 0]
+  np.testing.assert_allclose(conf, [0.6, 0.8])
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_strategies_predict_the_same(strategy):
+  mesh = make_mesh(1, 1)
+  model = ResNet(stage_sizes=(1,), block="basic", num_classes=3, width=0.125, stem="small")
+  state = create_state(jax.random.key(0), model, optax.sgd(0.1), (1, 8, 8, 4), 3, mesh)
+  rng = np.random.default_rng(0)
+  batches = [{"crop": rng.normal(size=(4, 4, 8, 8)).astype(np.float32),
+              "label": np.zeros(4, np.int32), "index": np.array([0, 1, 2, -1])}]
+  ref_idx, ref = predict(state.variables, make_predict_fn(model, _nhwc, mesh, "loop"), batches,
+                         data_sharding(mesh))
+  idx, probs = predict(state.variables, make_predict_fn(model, _nhwc, mesh, strategy), batches,
+                       data_sharding(mesh))
+  assert ref.shape == (3, 3, 3) and ref_idx.tolist() == [0, 1, 2]  # padding dropped
+  np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ref.sum(-1), 1, rtol=1e-5)
+  assert not np.allclose(ref[:, 0], ref[:, 1])  # members differ
+
+
+def test_tables():
+  cells = pd.DataFrame({"cell_id": [5, 9], "fov": [0, 0], "fov_name": ["a", "a"],
+                        "label": pd.array(["T", None], dtype="string"), "y": [1, 2],
+                        "Metadata_Plate": ["P", "P"]})
+  member_probs = np.array([[[0.7, 0.3], [0.5, 0.5]], [[0.1, 0.9], [0.3, 0.7]]], np.float32)
+  table = predictions_table(cells, ["T", "B"], member_probs)
+  assert table.pred.tolist() == ["T", "B"]
+  np.testing.assert_allclose(table.confidence, [0.6, 0.8], rtol=1e-6)
+  assert "Metadata_Plate" in table and "y" not in table
+  csv = cellsighter_csv(table, ["T", "B"])
+  assert csv.pred.tolist() == [0, 1] and csv.label.tolist() == [0, -1]
+  assert csv.image_id.tolist() == ["a", "a"]
+  assert eval(csv.prob_list[1]) == pytest.approx([0.2, 0.8])

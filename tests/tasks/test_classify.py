@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellrep.data import gating, ingest
+from cellrep.errors import ConfigError
+from cellrep.tasks import classify
+from cellrep.train.metrics import read_metrics
+from tests.data.helpers import square_cells_store
+
+
+def _tiny(store_path, steps=4, members=2):
+  c = classify.default_config()
+  c.progress = False
+  c.data.store = str(store_path)
+  c.data.crop_size = 16
+  c.data.input_size = 12
+  c.data.threads = 2
+  c.model.update(name="resnet18", width=0.0625, stem="small")
+  c.ensemble.members = members
+  c.train.update(steps=steps, batch_size=8, lr=1e-3, schedule="constant", log_every=1,
+                 checkpoint_every=2)
+  c.predict.batch_size = 16
+  c.predict.cellsighter_csv = True
+  return c
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  return square_cells_store(tmp_path_factory.mktemp("s") / "store",
+                            fov_shapes=((40, 40), (40, 40), (30, 40)))
+
+
+def test_run_writes_every_output(store, tmp_path):
+  config = _tiny(store.path)
+  config.data.val_fovs = "fov2"
+  scalars = classify.run(config, tmp_path)
+  assert (tmp_path / "checkpoints" / "4").is_dir()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  metrics = read_metrics(tmp_path)
+  assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4]
+  final = metrics[-1]
+  assert final["step"] == 4 and 0 <= final["eval/balanced_recall"] <= 1
+  assert final["eval/balanced_recall"] == scalars["eval/balanced_recall"]
+  preds = pd.read_parquet(tmp_path / "predictions.parquet")
+  held_out = store.cells[store.cells.fov_name == "fov2"]
+  assert len(preds) == len(held_out) and set(preds.fov_name) == {"fov2"}
+  assert list(preds.columns[:6]) == ["cell_id", "fov", "fov_name", "label", "pred", "confidence"]
+  probs = preds[["prob_x", "prob_y"]].to_numpy()
+  np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+  np.testing.assert_allclose(preds.confidence, probs.max(1), rtol=1e-6)
+  csv = pd.read_csv(tmp_path / "predictions_cellsighter.csv")
+  assert list(csv.columns) == ["pred", "pred_prob", "label", "cell_id", "image_id", "prob_list"]
+  html = (tmp_path / "report" / "index.html").read_text()
+  assert "confusion.png" in html and (tmp_path / "report" / "recall_coverage.png").exists()
+  assert json.loads((tmp_path / "config.json").read_text())["ensemble"]["members"] == 2
+
+
+def test_resume_continues_exactly(store, tmp_path):
+  # An interrupted run (2 steps, then the same command with 4) ends where an
+  # uninterrupted 4-step run does: the Grain iterator position and the per-step RNG
+  # are restored with the state.
+  classify.run(_tiny(store.path, steps=2), tmp_path / "a")
+  classify.run(_tiny(store.path, steps=4), tmp_path / "a")
+  classify.run(_tiny(store.path, steps=4), tmp_path / "b")
+  a = read_metrics(tmp_path / "a")
+  assert [m["step"] for m in a if "train/loss" in m] == [1, 2, 3, 4]
+  pa = pd.read_parquet(tmp_path / "a" / "predictions.parquet")
+  pb = pd.read_parquet(tmp_path / "b" / "predictions.parquet")
+  np.testing.assert_allclose(pa.filter(like="prob_").to_numpy(), pb.filter(like="prob_").to_numpy(),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_bad_config_values_are_config_errors(store, tmp_path):
+  config = _tiny(store.path)
+  config.data.crop_size = 8
+  with pytest.raises(ConfigError, match="data.crop_size"):
+    classify.run(config, tmp_path)
+  config = _tiny(store.path)
+  config.model.name = "resnet51"
+  with pytest.raises(ConfigError, match="model.name"):
+    classify.run(config, tmp_path)
+
+
+def test_mibi_with_gated_labels_trains(shared_data, tmp_path):
+  raw = ingest.ingest_tiff_folder(shared_data / "mibi_fov8", tmp_path / "raw")
+  assert len(raw.cells) == 272 and len(raw.meta.channels) == 22
+  rules = gating.parse_rules("T cell=CD3;B cell=CD20;Tumor=PanKeratin;Stroma=SMA+Vimentin")
+  store = gating.gate_and_relabel(raw, rules, tmp_path / "gated")
+  config = _tiny(store.path, steps=3)
+  config.data.crop_size, config.data.input_size = 40, 32
+  scalars = classify.run(config, tmp_path / "run")
+  preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+  # One FOV: it is both trained on and predicted; every cell gets a prediction.
+  assert len(preds) == 272 and scalars["eval/cells"] == preds.label.notna().sum()
+  assert set(preds.pred) <= set(store.meta.classes)

@@ -1,0 +1,37 @@
+"""The command line: errors of input or configuration are one line on stderr, exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _launch(*args, tmp_path):
+  return subprocess.run([sys.executable, "-m", "cellrep.launch", *args,
+                         f"--workdir={tmp_path / 'w'}", "--compilation_cache="],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config=configs/demo.py", "--config.trian.steps=3"], "trian"),
+    (["--config=configs/demo.py", "--config.train.steps=abc"], "train.steps"),
+    (["--config=configs/demo.py", "--config.model.name=resnet51"], "config.model.name"),
+    (["--config=configs/demo.py", "--config.data.crop_size=8"], "config.data.crop_size"),
+    (["--config=configs/cellsighter.py:members=x"], "members"),
+    (["--config=configs/nope.py"], "nope.py"),
+])
+def test_bad_config_is_one_line_and_exit_2(args, needle, tmp_path):
+  out = _launch(*args, tmp_path=tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("cellrep: error:")]
+  assert len(errors) == 1 and needle in errors[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+
+
+def test_bad_store_path_names_the_file(tmp_path):
+  out = _launch("--config=configs/cellsighter.py", f"--config.data.store={tmp_path / 'missing'}",
+                tmp_path=tmp_path)
+  assert out.returncode == 2 and "missing" in out.stderr and "store.json" in out.stderr
+  assert "Traceback" not in out.stderr
