@@ -1,13 +1,16 @@
 """Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard events (tensorboardX).
 
 clu's metric writers import TensorFlow; this writer needs only tensorboardX.
-Only process 0 writes.
+Only process 0 writes. A run resumed from a checkpoint at step s first drops the
+records after s (written by the interrupted run after its last checkpoint), so
+each step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 
 import jax
@@ -24,14 +27,23 @@ def _plain(v):
 
 class MetricWriter:
 
-  def __init__(self, workdir, tensorboard: bool = True):
+  def __init__(self, workdir, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     workdir = pathlib.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     self._tb = None
+    if self.enabled and resume_step is not None:
+      self._drop_after(resume_step)
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+
+  def _drop_after(self, step: int) -> None:
+    kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+    tmp = self.path.with_name(f".{self.path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, self.path)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
