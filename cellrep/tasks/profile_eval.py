@@ -1,0 +1,193 @@
+"""The profile evaluation job: profiles -> sphered wells -> AP/mAP, enrichment, strength.
+
+Reads `config.input` (see configs/profile_eval.py), aggregates cells or sites to
+wells if needed, spheres the wells on their controls, then scores
+- replicate retrieval: each treated well against its replicates and the controls
+  (copairs' phenotypic activity), mAP and p-values per treatment;
+- same-MoA retrieval between treatment profiles (mAP per MoA, interpolated mAP as
+  in the Cell Painting CNN paper) and folds of enrichment;
+- treatment strength (distance to the plate's controls, z-scored);
+and writes parquet tables and report/index.html into WORKDIR. Every file is
+written under a temporary name and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from cellrep import config_util
+from cellrep.errors import InputError
+from cellrep.eval.report import Report
+from cellrep.profiling import (aggregate, enrichment, retrieval, significance, sphering, strength,
+                               sweep, synthetic, tables)
+
+REFERENCE = "Metadata_reference_index"
+
+
+def _list(text: str) -> list[str]:
+  return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _check(config) -> None:
+  config_util.check(bool(config.input) or config.synthetic, "input", "not set",
+                    "a profiles .parquet/.csv, e.g. --config.input=wells.parquet")
+  config_util.check_choice(config, "level", ("cell", "site", "well"))
+  config_util.check_choice(config, "sphering.method", sphering.METHODS + ("none",))
+  config_util.check_choice(config, "retrieval.distance", ("cosine", "correlation", "euclidean"))
+  config_util.check_choice(config, "retrieval.null_method", significance.NULL_METHODS)
+  config_util.check(config.sphering.reg >= 0, "sphering.reg", f"{config.sphering.reg}",
+                    "a non-negative λ")
+  config_util.check(config.retrieval.null_size > 0, "retrieval.null_size",
+                    f"{config.retrieval.null_size}", "a positive number of null samples")
+  config_util.check(0 < config.retrieval.percentile < 100, "retrieval.percentile",
+                    f"{config.retrieval.percentile}", "a percentile in (0, 100)")
+  config_util.check(0 < config.retrieval.strength_fraction <= 1 / 3,
+                    "retrieval.strength_fraction", f"{config.retrieval.strength_fraction}",
+                    "a fraction in (0, 1/3]")
+  config_util.check(config.retrieval.memory_budget_mb > 0, "retrieval.memory_budget_mb",
+                    f"{config.retrieval.memory_budget_mb}", "a positive number of MiB")
+  try:
+    [float(v) for v in _list(config.sphering.sweep)]
+  except ValueError:
+    raise config_util.ConfigError("sphering.sweep", f"{config.sphering.sweep!r}",
+                                  "comma-separated numbers") from None
+
+
+def read_profiles(path) -> pd.DataFrame:
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise InputError(path, "does not exist", "a profiles .parquet or .csv file")
+  try:
+    return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+  except Exception as e:  # pyarrow and pandas raise many types for unreadable files
+    raise InputError(path, f"cannot be read: {e}", "a parquet or CSV table") from None
+
+
+def write_parquet(df: pd.DataFrame, path: pathlib.Path) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  df.to_parquet(tmp, index=False)
+  os.replace(tmp, path)
+
+
+def load_wells(config, workdir: pathlib.Path) -> tuple[pd.DataFrame, str]:
+  """The well-level table and the name errors should use for it."""
+  if config.synthetic:
+    meta, x = synthetic.wells(n_compounds=60, replicates=4, n_controls=48, dim=64, n_plates=4,
+                              n_moas=8, ties=False, multilabel=True, signal=0.35)
+    return synthetic.table(meta, x), "synthetic wells"
+  source = str(config.input)
+  df = read_profiles(config.input)
+  c = config.columns
+  if config.level == "cell":
+    levels = aggregate.aggregate_levels(df, _list(c.site), _list(c.well), _list(c.well),
+                                        source=source)
+    df = levels["well"]
+  elif config.level == "site":
+    df = aggregate.aggregate(df, _list(c.well), "mean", source=source)
+  return df, source
+
+
+def run(config, workdir: pathlib.Path) -> dict:
+  _check(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  c, r, s = config.columns, config.retrieval, config.sphering
+  wells, source = load_wells(config, workdir)
+  needed = [c.treatment, c.plate] + ([c.moa] if c.moa else [])
+  tables.require_columns(wells, needed, source, "metadata")
+  features = tables.feature_columns(wells)
+  tables.feature_matrix(wells, features, source)  # refuse NaN / text features here
+  controls = sphering.control_mask(wells, config.controls, source)
+  reg = "knee" if s.knee else s.reg
+  by = c.plate if s.per_plate else None
+  if s.method != "none":
+    wells = sphering.sphere(wells, controls, s.method, reg=reg, by=by, source=source)
+    features = tables.feature_columns(wells)
+  wells[REFERENCE] = np.where(controls, np.arange(len(wells)), -1)
+  meta, x = wells[tables.metadata_columns(wells)], wells[features].to_numpy(np.float32)
+  budget = int(r.memory_budget_mb) << 20
+
+  # Replicate retrieval against controls (copairs' phenotypic activity).
+  activity_rules = ([c.treatment, REFERENCE], [], [], [c.treatment, REFERENCE])
+  ap = retrieval.average_precision(meta, x, *activity_rules, distance=r.distance,
+                                   memory_budget=budget, source=source)
+  ap = ap[~controls].reset_index(drop=True)
+  maps = significance.mean_average_precision(ap, [c.treatment], r.null_size, r.threshold,
+                                             r.seed, null_method=r.null_method, source=source)
+  write_parquet(ap.drop(columns=[REFERENCE]), workdir / "ap.parquet")
+  write_parquet(maps.drop(columns=["indices"]), workdir / "map.parquet")
+  summary = {"wells": len(wells), "control wells": int(controls.sum()),
+             "treatments": int(maps.shape[0]), "features": len(features),
+             "sphering": s.method, "λ": reg if isinstance(reg, str) else float(reg),
+             "activity mAP (mean over treatments)": float(maps.mean_average_precision.mean()),
+             "fraction of treatments retrieved (corrected p < threshold)":
+                 float(maps.below_corrected_p.mean())}
+
+  moa_map = enrich = None
+  if c.moa:
+    trt = aggregate.aggregate(wells[~controls].drop(columns=[REFERENCE]), [c.treatment], "mean",
+                              source=source)
+    tables.require_columns(trt, [c.moa], source, "MoA (constant within a treatment)")
+    t_meta, t_x = trt[tables.metadata_columns(trt)], trt[tables.feature_columns(trt)].to_numpy()
+    multilabel = t_meta[c.moa].astype(str).str.contains(r.moa_sep, regex=False).any()
+    moa_ap = retrieval.average_precision(
+        t_meta, t_x, [c.moa], [c.treatment], [], [c.moa], distance=r.distance,
+        multilabel_col=c.moa if multilabel else None, multilabel_sep=r.moa_sep,
+        interpolated=True, memory_budget=budget, source=source)
+    moa_map = significance.mean_average_precision(moa_ap, [c.moa], r.null_size, r.threshold,
+                                                  r.seed, null_method=r.null_method,
+                                                  source=source)
+    enrich = enrichment.enrichment(t_meta, t_x, c.moa, r.percentile, r.distance, r.moa_sep,
+                                   source=source)
+    write_parquet(moa_ap, workdir / "moa_ap.parquet")
+    write_parquet(moa_map.drop(columns=["indices"]), workdir / "moa_map.parquet")
+    write_parquet(enrich, workdir / "enrichment.parquet")
+    summary.update({
+        "MoA mAP (mean over MoAs)": float(moa_map.mean_average_precision.mean()),
+        "MoA interpolated mAP (paper)": float(moa_ap.interpolated_average_precision.mean()),
+        f"folds of enrichment (top {100 - r.percentile:g}%)": float(enrich.folds.mean())})
+
+  strong = strength.treatment_strength(wells.drop(columns=[REFERENCE]), controls, c.treatment,
+                                       c.plate, r.strength_fraction, source=source)
+  write_parquet(strong, workdir / "strength.parquet")
+
+  regs = [float(v) for v in _list(s.sweep)] if s.method != "none" else []
+  lam = None
+  if regs:
+    raw, _ = load_wells(config, workdir)
+    raw[REFERENCE] = np.where(controls, np.arange(len(raw)), -1)
+    lam = sweep.lambda_sweep(raw, controls, regs, *activity_rules, method=s.method, by=by,
+                             distance=r.distance, source=source)
+    write_parquet(lam, workdir / "lambda_sweep.parquet")
+  _report(workdir, summary, maps, moa_map, lam, strong)
+  logging.info("profile_eval: %s", summary)
+  return summary
+
+
+def _report(workdir, summary, maps, moa_map, lam, strong) -> None:
+  import matplotlib.pyplot as plt
+
+  report = Report(workdir / "report", title="Profile evaluation")
+  report.heading("Summary")
+  report.key_values(summary)
+  if lam is not None and len(lam):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.semilogx(lam["reg"], lam["mean_average_precision"], "o-")
+    ax.set_xlabel("sphering λ")
+    ax.set_ylabel("replicate mAP")
+    ax.grid(alpha=0.3)
+    report.figure(fig, "map_vs_lambda", "Replicate mAP against controls, per sphering λ")
+  report.heading("Treatments (replicate retrieval)")
+  cols = [col for col in maps.columns if col != "indices"]
+  report.table(maps[cols].sort_values("mean_average_precision", ascending=False).head(30))
+  if moa_map is not None:
+    report.heading("MoAs (same-MoA retrieval between treatments)")
+    report.table(moa_map[[col for col in moa_map.columns if col != "indices"]])
+  report.heading("Treatment strength")
+  report.table(strong[strong.strength_group != ""])
+  report.write()
