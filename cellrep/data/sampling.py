@@ -20,16 +20,23 @@ BALANCE = ("none", "class", "hierarchy")
 
 
 def split_fovs(fovs: Sequence[str], val_fovs: Sequence[str] = (), val_fraction: float = 0.2,
-               seed: int = 0) -> tuple[list[str], list[str]]:
+               seed: int = 0, train_fovs: Sequence[str] = ()) -> tuple[list[str], list[str]]:
   """(train, validation) FOV names. Explicit `val_fovs` win; else a seeded fraction (≥ 1 FOV).
 
-  With a single FOV there is nothing to hold out: both lists hold it.
+  With a single FOV there is nothing to hold out: both lists hold it. Explicit
+  `train_fovs` (CellSighter's `train_set`) may overlap `val_fovs` (its example trains
+  and validates on the same image); without `val_fovs` the other FOVs are held out,
+  or, when there are none, the training FOVs themselves.
   """
   fovs = list(fovs)
-  if val_fovs:
-    unknown = sorted(set(val_fovs) - set(fovs))
+  for key, chosen in (("data.train_fovs", train_fovs), ("data.val_fovs", val_fovs)):
+    unknown = sorted(set(chosen) - set(fovs))
     if unknown:
-      raise ConfigError("data.val_fovs", f"unknown FOVs {unknown}", f"names among {fovs[:20]}")
+      raise ConfigError(key, f"unknown FOVs {unknown}", f"names among {fovs[:20]}")
+  if train_fovs:
+    train = [f for f in fovs if f in set(train_fovs)]
+    return train, [f for f in fovs if f in set(val_fovs)] or [f for f in fovs if f not in train] or train
+  if val_fovs:
     val = [f for f in fovs if f in set(val_fovs)]
   elif len(fovs) == 1:
     return fovs, fovs
@@ -41,6 +48,22 @@ def split_fovs(fovs: Sequence[str], val_fovs: Sequence[str] = (), val_fraction: 
   if not train:
     raise ConfigError("data.val_fovs", "every FOV is held out", "at least one training FOV")
   return train, val
+
+
+def parse_hierarchy(text: str, classes: Sequence[str]) -> dict[int, str] | None:
+  """"CD4 T=T cell;CD8 T=T cell;..." -> {class index: category}; every class must be mapped."""
+  if not text:
+    return None
+  mapping = {}
+  for part in filter(None, (p.strip() for p in text.split(";"))):
+    name, eq, category = part.partition("=")
+    if not eq:
+      raise ConfigError("data.hierarchy", f"{part!r} has no '='", "'class=category;...'")
+    mapping[name.strip()] = category.strip()
+  missing = [c for c in classes if c not in mapping]
+  if missing:
+    raise ConfigError("data.hierarchy", f"classes without a category: {missing}", "every class mapped")
+  return {i: mapping[c] for i, c in enumerate(classes)}
 
 
 def cap_per_class(indices: np.ndarray, labels: np.ndarray, max_per_class: int,

@@ -40,6 +40,17 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_table(df: pd.DataFrame, path: pathlib.Path) -> None:
+  """Writes `df` as parquet or CSV (by `path`'s suffix), atomically, without the index."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  if path.suffix == ".csv":
+    df.to_csv(tmp, index=False)
+  else:
+    df.to_parquet(tmp, index=False)
+  os.replace(tmp, path)
+
+
 def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
   """Saves `fig` to `path` (atomically) and closes it."""
   tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

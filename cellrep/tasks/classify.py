@@ -1,8 +1,10 @@
 """CellSighter-style cell classification: store -> crops -> ensemble training -> predictions -> report.
 
 Writes into the work directory:
-  store/                 the synthetic dataset store (only with data.source="synthetic")
+  store/                 the dataset store made for the run (data.source "synthetic" or
+                         "cellsighter"); store_gated/ with landmark labels (data.gating.rules)
   config.json            the config of the latest run
+  model.json             classes, channels, sizes and normalisation of the model
   checkpoints/           orbax checkpoints: train state + Grain iterator position
   metrics.jsonl          train metrics every train.log_every steps; eval/* at the end
   tensorboard/           the same scalars as TensorBoard events
@@ -11,7 +13,10 @@ Writes into the work directory:
   predictions_cellsighter.csv   with predict.cellsighter_csv=True
   report/index.html      metrics, confusion matrix, confidence histogram, recall vs coverage
 
-Re-running the same command resumes from the latest checkpoint.
+Re-running the same command resumes from the latest checkpoint. The run is made
+of reusable pieces: `prepare` (store and cells), `train` (the ensemble, as a
+`cellrep.infer.trained.Trained`), `evaluate` (predictions and report sections);
+`run(config, workdir, extend=...)` lets another task add analyses to the report.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import pathlib
+from typing import Callable
 
 import jax
 import ml_collections
@@ -32,24 +37,26 @@ from ml_collections import config_dict
 
 from cellrep import config_util
 from cellrep.data import augment as augment_lib
-from cellrep.data import synthetic
+from cellrep.data import gating, ingest, normalize as normalize_lib, synthetic
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
-from cellrep.data.pipeline import data_sharding, eval_batches, train_dataset
-from cellrep.data.sampling import BALANCE, EpochSampler, cap_per_class, sample_weights, split_fovs
+from cellrep.data.pipeline import data_sharding, train_dataset
+from cellrep.data.sampling import (BALANCE, EpochSampler, cap_per_class, parse_hierarchy,
+                                   sample_weights, split_fovs)
 from cellrep.data.store import Store, open_store
 from cellrep.errors import ConfigError
 from cellrep.eval import classification
-from cellrep.eval.report import Report
-from cellrep.infer.predict import cellsighter_csv, make_predict_fn, predict, predictions_table
-from cellrep.models import DTYPES, NAMES, get_model
+from cellrep.eval.report import Report, write_table
+from cellrep.infer import trained as trained_lib
+from cellrep.infer.predict import cellsighter_csv, predictions_table
+from cellrep.models import DTYPES, NAMES
 from cellrep.train.checkpoint import Checkpointer
 from cellrep.train.ensemble import STRATEGIES, MemberStep, make_mesh, make_train_step
 from cellrep.train.loop import fit
 from cellrep.train.metrics import MetricWriter
-from cellrep.train.optim import SCHEDULES, adam, learning_rate
+from cellrep.train.optim import SCHEDULES
 from cellrep.train.state import abstract_state, create_state
 
-SOURCES = ("synthetic", "store")
+SOURCES = ("synthetic", "store", "cellsighter")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -59,17 +66,26 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.progress = True
   c.data = dict(
-      source="store",                        # "store" (data.store) or "synthetic"
+      source="store",                        # "store" (data.store), "synthetic" or "cellsighter"
       store=config_dict.placeholder(str),    # a store directory (configs/ingest.py writes one)
       synthetic=dataclasses.asdict(synthetic.SyntheticConfig()),
-      chunk_size=64,                         # chunk edge of a generated synthetic store
+      cellsighter=dict(                      # source "cellsighter": a CellSighter data folder
+          root="",                           # its root_dir (holding CellTypes/)
+          channels_file="",                  # channels_path; "" = ROOT/channels.txt
+          blacklist="",                      # channels left out, comma-separated
+          class_names="",                    # names of class ids 0, 1, ...; "" = the ids
+      ),
+      gating=dict(rules="", percentile=80.0),  # landmark labels from marker gates; "" = off
+      chunk_size=64,                         # chunk edge of a store the run writes
       crop_size=128,                         # read window around each cell (CellSighter crop_size)
       input_size=60,                         # network input after augmentation (crop_input_size)
-      val_fovs="",                           # held-out FOV names, comma-separated; else val_fraction
+      train_fovs="",                         # training FOV names (train_set); "" = all not held out
+      val_fovs="",                           # held-out FOV names (val_set); else val_fraction
       val_fraction=0.2,
       balance="class",                       # "none" | "class" | "hierarchy" (sample_batch)
       hierarchy="",                          # "class=category;..." (hierarchy_match)
       max_per_class=0,                       # cap on training cells per class (size_data); 0 = all
+      normalize="none",                      # "none" (raw counts) | "p99" | "anscombe"
       workers=0,                             # Grain worker processes (0 = threads in-process)
       threads=8,                             # Grain reader threads
   )
@@ -96,7 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _names(text: str) -> list[str]:
+def names(text: str) -> list[str]:
+  """"a, b,c" -> ["a", "b", "c"]."""
   return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -104,6 +121,7 @@ def validate(config) -> None:
   c, check = config, config_util.check
   config_util.check_choice(c, "data.source", SOURCES)
   config_util.check_choice(c, "data.balance", BALANCE)
+  config_util.check_choice(c, "data.normalize", normalize_lib.METHODS)
   config_util.check_choice(c, "model.name", NAMES)
   config_util.check_choice(c, "model.stem", ("imagenet", "small"))
   config_util.check_choice(c, "model.dtype", DTYPES)
@@ -111,6 +129,11 @@ def validate(config) -> None:
   config_util.check_choice(c, "train.schedule", SCHEDULES)
   if c.data.source == "store":
     check(bool(c.data.store), "data.store", "no store path given", "a store directory (configs/ingest.py writes one)")
+  if c.data.source == "cellsighter":
+    check(bool(c.data.cellsighter.root), "data.cellsighter.root", "not set",
+          "a CellSighter data folder holding CellTypes/")
+  check(0 <= c.data.gating.percentile < 100, "data.gating.percentile", f"{c.data.gating.percentile}",
+        "a percentile in [0, 100)")
   check(c.data.input_size >= 8, "data.input_size", f"{c.data.input_size} is too small", "≥ 8 pixels")
   check(c.data.crop_size >= c.data.input_size, "data.crop_size",
         f"{c.data.crop_size} < data.input_size {c.data.input_size}", "a read window at least the input size")
@@ -126,83 +149,148 @@ def validate(config) -> None:
   check(c.predict.batch_size >= 1, "predict.batch_size", f"{c.predict.batch_size}", "≥ 1")
 
 
-def _synthetic_store(config, workdir: pathlib.Path) -> Store:
-  """The synthetic store in workdir/store, generated once; a resumed run must ask for the same data."""
-  cfg = synthetic.from_config(config.data.synthetic)
-  path = workdir / "store"
-  stamp = workdir / "store.synthetic.json"
-  wanted = json.dumps(config.data.synthetic.to_dict(), sort_keys=True)
+# ---------------------------------------------------------------- which store, which cells
+
+
+def derived_store(workdir: pathlib.Path, name: str, settings: dict, key: str,
+                   make: Callable[[pathlib.Path], Store]) -> Store:
+  """workdir/name, made once by `make`; a resumed run must ask for the same settings."""
+  path = workdir / name
+  stamp = workdir / f"{name}.{key.split('.')[-1]}.json"
+  wanted = json.dumps(settings, sort_keys=True)
   if path.exists():
     if stamp.exists() and stamp.read_text() != wanted:
-      raise ConfigError("data.synthetic", f"differs from the settings that made {path}",
+      raise ConfigError(key, f"differs from the settings that made {path}",
                         "the same settings, or a new --workdir")
     return open_store(path)
-  logging.info("generating synthetic tissue: %s", cfg)
-  store = synthetic.write_store(synthetic.generate(cfg), path, chunk_size=config.data.chunk_size)
+  store = make(path)
   stamp.write_text(wanted)
   return store
 
 
-def _hierarchy(text: str, classes) -> dict[int, str] | None:
-  """"CD4 T=T cell;CD8 T=T cell;..." -> {class index: category}; every class must be mapped."""
-  if not text:
-    return None
-  mapping = {}
-  for part in filter(None, (p.strip() for p in text.split(";"))):
-    name, eq, category = part.partition("=")
-    if not eq:
-      raise ConfigError("data.hierarchy", f"{part!r} has no '='", "'class=category;...'")
-    mapping[name.strip()] = category.strip()
-  missing = [c for c in classes if c not in mapping]
-  if missing:
-    raise ConfigError("data.hierarchy", f"classes without a category: {missing}", "every class mapped")
-  return {i: mapping[c] for i, c in enumerate(classes)}
+def open_run_store(config, workdir: pathlib.Path) -> Store:
+  """The store the run reads: given, generated, ingested from a CellSighter folder; then gated."""
+  workdir = pathlib.Path(workdir)
+  d = config.data
+  if d.source == "synthetic":
+    def make(path):
+      cfg = synthetic.from_config(d.synthetic)
+      logging.info("generating synthetic tissue: %s", cfg)
+      return synthetic.write_store(synthetic.generate(cfg), path, chunk_size=d.chunk_size)
+    store = derived_store(workdir, "store", d.synthetic.to_dict(), "data.synthetic", make)
+  elif d.source == "cellsighter":
+    settings = dict(d.cellsighter.to_dict(), fovs=names(d.train_fovs) + names(d.val_fovs))
+
+    def make(path):
+      logging.info("ingesting CellSighter folder %s", d.cellsighter.root)
+      fovs = list(dict.fromkeys(settings["fovs"])) or None
+      return ingest.ingest_cellsighter(
+          d.cellsighter.root, path, class_names=d.cellsighter.class_names or None,
+          channels_file=d.cellsighter.channels_file or None,
+          blacklist=d.cellsighter.blacklist or None, fovs=fovs, chunk_size=d.chunk_size)
+    store = derived_store(workdir, "store", settings, "data.cellsighter", make)
+  else:
+    store = open_store(d.store)
+  if d.gating.rules:
+    rules = gating.parse_rules(d.gating.rules)
+
+    def make(path):
+      logging.info("gating landmark labels: %s", d.gating.rules)
+      return gating.gate_and_relabel(store, rules, path, percentile=d.gating.percentile)
+    store = derived_store(workdir, "store_gated", dict(d.gating.to_dict(), store=str(store.path)),
+                          "data.gating", make)
+  return store
 
 
-def _write_parquet(df: pd.DataFrame, path: pathlib.Path) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)
+@dataclasses.dataclass
+class Plan:
+  """What a run trains on and predicts.
+
+  labels: [cells] class index per row of store.cells (-1 unlabelled).
+  train_idx: rows the ensemble trains on (labelled cells of the training FOVs, capped).
+  val_idx: rows it predicts (every cell of the held-out FOVs).
+  scales: the store's per-channel divisors for data.normalize="p99", else None.
+  """
+  store: Store
+  classes: tuple[str, ...]
+  labels: np.ndarray
+  train_fovs: list[str]
+  val_fovs: list[str]
+  train_idx: np.ndarray
+  val_idx: np.ndarray
+  num_steps: int
+  steps_per_epoch: int
+  scales: np.ndarray | None = None
+
+  def with_training_cells(self, config, train_idx: np.ndarray) -> "Plan":
+    """The same plan training on other cells, with the step count `config` gives for them."""
+    steps_per_epoch, num_steps = _steps(config, len(train_idx))
+    return dataclasses.replace(self, train_idx=train_idx, num_steps=num_steps,
+                               steps_per_epoch=steps_per_epoch)
 
 
-def _write_csv(df: pd.DataFrame, path: pathlib.Path) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  df.to_csv(tmp, index=False)
-  os.replace(tmp, path)
+def _steps(config, n_train: int) -> tuple[int, int]:
+  steps_per_epoch = max(1, n_train // config.train.batch_size)
+  num_steps = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
+  return steps_per_epoch, num_steps
 
 
-def run(config, workdir: pathlib.Path) -> dict:
+def prepare(config, workdir) -> Plan:
+  """Checks the config, opens (or makes) the store, and chooses the cells."""
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  store = (_synthetic_store(config, workdir) if config.data.source == "synthetic"
-           else open_store(config.data.store))
+  store = open_run_store(config, workdir)
   classes = store.meta.classes
   if not classes:
     raise ConfigError("data.store", f"{store.path} has no labelled cells", "a store with labels")
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-
-  # Which cells: train on labelled cells of the training FOVs; predict every held-out cell.
   labels = store.label_ids()
   fov_names = store.cells.fov_name.to_numpy()
-  train_fovs, val_fovs = split_fovs(store.meta.fovs, _names(config.data.val_fovs),
-                                    config.data.val_fraction, config.seed)
+  train_fovs, val_fovs = split_fovs(store.meta.fovs, names(config.data.val_fovs),
+                                    config.data.val_fraction, config.seed,
+                                    train_fovs=names(config.data.train_fovs))
   train_idx = np.flatnonzero(np.isin(fov_names, train_fovs) & (labels >= 0))
   train_idx = cap_per_class(train_idx, labels, config.data.max_per_class, config.seed)
   val_idx = np.flatnonzero(np.isin(fov_names, val_fovs))
   if len(train_idx) == 0:
     raise ConfigError("data.val_fovs", "no labelled cells left to train on", "labelled training FOVs")
-  batch_size = config.train.batch_size
-  steps_per_epoch = max(1, len(train_idx) // batch_size)
-  num_steps = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
+  steps_per_epoch, num_steps = _steps(config, len(train_idx))
   logging.info("%d training cells (%s), %d held-out cells (%s), %d steps", len(train_idx),
                ",".join(train_fovs), len(val_idx), ",".join(val_fovs), num_steps)
+  return Plan(store, classes, labels, train_fovs, val_fovs, train_idx, val_idx, num_steps,
+              steps_per_epoch, normalize_lib.store_scales(store, config.data.normalize))
+
+
+# ---------------------------------------------------------------- training
+
+
+def metric_writer(workdir: pathlib.Path, tensorboard: bool = True) -> MetricWriter:
+  """The run's metric writer; resuming from a checkpoint drops records logged after it."""
+  checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+  try:
+    latest = checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+  return MetricWriter(workdir, tensorboard=tensorboard, resume_step=latest)
+
+
+def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trained:
+  """Trains (or resumes) the ensemble on plan.train_idx; checkpoints in workdir/checkpoints."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  store, batch_size, num_steps = plan.store, config.train.batch_size, plan.num_steps
+  input_size, channels = config.data.input_size, store.meta.channels
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  trained_lib.write_model_json(workdir, classes=plan.classes, channels=channels,
+                               input_size=input_size, crop_size=config.data.crop_size,
+                               normalize=config.data.normalize, num_steps=num_steps,
+                               steps_per_epoch=plan.steps_per_epoch)
 
   source = CropSource(store, config.data.crop_size)
   weights = (None if config.data.balance == "none" else
-             sample_weights(labels[train_idx], config.data.balance,
-                            _hierarchy(config.data.hierarchy, classes)))
-  sampler = EpochSampler(train_idx, num_steps * batch_size, config.seed, weights)
+             sample_weights(plan.labels[plan.train_idx], config.data.balance,
+                            parse_hierarchy(config.data.hierarchy, plan.classes)))
+  sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights)
   batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
                                threads=config.data.threads))
 
@@ -212,15 +300,9 @@ def run(config, workdir: pathlib.Path) -> dict:
   if members % mesh.shape["member"] or batch_size % mesh.shape["data"]:
     raise ConfigError("ensemble.mesh_member", f"mesh {dict(mesh.shape)} does not divide "
                       f"{members} members / batch {batch_size}", "divisors of members and batch size")
-  model = get_model(config.model.name, len(classes), width=config.model.width,
-                    stem=config.model.stem, dtype=config.model.dtype)
-  schedule = learning_rate(config.train.lr, config.train.schedule, num_steps,
-                           decay_rate=config.train.decay_rate,
-                           decay_steps=config.train.decay_epochs * steps_per_epoch,
-                           warmup_steps=config.train.warmup_steps)
-  tx = adam(schedule, config.train.weight_decay, config.train.grad_clip)
-  input_size = config.data.input_size
-  input_shape = (1, input_size, input_size, len(store.meta.channels) + NUM_MASK_CHANNELS)
+  model, tx, schedule = trained_lib.model_and_optimizer(config, len(plan.classes), num_steps,
+                                                        plan.steps_per_epoch)
+  input_shape = (1, input_size, input_size, len(channels) + NUM_MASK_CHANNELS)
   abstract = abstract_state(model, tx, input_shape, members, mesh)
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
   latest = checkpointer.latest_step()
@@ -232,43 +314,91 @@ def run(config, workdir: pathlib.Path) -> dict:
     state = create_state(jax.random.fold_in(rng, 0), model, tx, input_shape, members, mesh)
 
   aug_cfg = augment_lib.AugmentConfig(**config.augment.to_dict())
-  preprocess = functools.partial(augment_lib.augment, input_size=input_size, cfg=aug_cfg)
+  augment = functools.partial(augment_lib.augment, input_size=input_size, cfg=aug_cfg)
+  if config.data.normalize == "none":
+    preprocess = augment
+  else:  # after the Poisson resampling, which needs raw counts
+    def preprocess(key, crops):
+      return normalize_lib.normalize(augment(key, crops), config.data.normalize, plan.scales)
   step = make_train_step(MemberStep(model, tx, preprocess, config.train.label_smoothing),
                          mesh, abstract, config.ensemble.strategy)
-  writer = MetricWriter(workdir)
   state = fit(state, step, batches, rng=jax.random.fold_in(rng, 1), num_steps=num_steps,
               data_sharding=data_sharding(mesh), writer=writer, checkpointer=checkpointer,
               checkpoint_every=config.train.checkpoint_every, log_every=config.train.log_every,
               learning_rate=schedule, progress=config.progress)
+  checkpointer.close()
+  return trained_lib.Trained(model=model, variables=state.variables, classes=plan.classes,
+                             channels=channels, input_size=input_size,
+                             crop_size=config.data.crop_size, normalize=config.data.normalize,
+                             mesh=mesh, strategy=config.ensemble.strategy)
 
-  # Predict the held-out FOVs, score the labelled ones, report.
-  predict_fn = make_predict_fn(model, functools.partial(augment_lib.center, input_size=input_size),
-                               mesh, config.ensemble.strategy)
-  index, member_probs = predict(state.variables, predict_fn,
-                                eval_batches(source, val_idx, config.predict.batch_size,
-                                             threads=config.data.threads), data_sharding(mesh))
-  cells = store.cells.iloc[index]
-  table = predictions_table(cells, classes, member_probs)
-  _write_parquet(table, workdir / "predictions.parquet")
+
+# ---------------------------------------------------------------- prediction and report
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """The held-out predictions: rows `index` of store.cells; member_probs [N, M, classes]."""
+  index: np.ndarray
+  cells: pd.DataFrame
+  member_probs: np.ndarray
+  table: pd.DataFrame
+  scalars: dict
+
+
+def evaluate(config, workdir, plan: Plan, trained: trained_lib.Trained, report: Report) -> Evaluation:
+  """Predicts plan.val_idx, writes the predictions and adds the ensemble and member-0 sections."""
+  workdir = pathlib.Path(workdir)
+  index, member_probs, _ = trained_lib.predict_store(
+      trained, plan.store, plan.val_idx, batch_size=config.predict.batch_size,
+      threads=config.data.threads, scales=plan.scales)
+  cells = plan.store.cells.iloc[index]
+  table = predictions_table(cells, plan.classes, member_probs)
+  write_table(table, workdir / "predictions.parquet")
   if config.predict.cellsighter_csv:
-    _write_csv(cellsighter_csv(table, classes), workdir / "predictions_cellsighter.csv")
+    write_table(cellsighter_csv(table, plan.classes), workdir / "predictions_cellsighter.csv")
 
-  report = Report(workdir / "report", "cellrep: cell classification")
-  report.key_values({"store": str(store.path), "classes": ", ".join(classes),
-                     "training FOVs": ", ".join(train_fovs), "held-out FOVs": ", ".join(val_fovs),
-                     "members": members, "model": f"{config.model.name} x{config.model.width}",
-                     "steps": num_steps, "training cells": len(train_idx)})
-  stats = classification.add_to_report(report, table, classes, f"Ensemble of {members} on held-out FOVs")
-  single = predictions_table(cells, classes, member_probs[:, :1])
-  single_stats = classification.add_to_report(report, single, classes, "Member 0 alone",
-                                                  prefix="member0_")
-  report.write()
+  report.key_values({"store": str(plan.store.path), "classes": ", ".join(plan.classes),
+                     "training FOVs": ", ".join(plan.train_fovs),
+                     "held-out FOVs": ", ".join(plan.val_fovs), "members": trained.members,
+                     "model": f"{config.model.name} x{config.model.width}",
+                     "normalisation": config.data.normalize, "steps": plan.num_steps,
+                     "training cells": len(plan.train_idx)})
+  stats = classification.add_to_report(report, table, plan.classes,
+                                       f"Ensemble of {trained.members} on held-out FOVs")
+  single = predictions_table(cells, plan.classes, member_probs[:, :1])
+  single_stats = classification.add_to_report(report, single, plan.classes, "Member 0 alone",
+                                              prefix="member0_")
   scalars = {f"eval/{k}": v for k, v in stats.items()}
   scalars.update({f"eval/member0_{k}": v for k, v in single_stats.items()})
-  writer.write(num_steps, scalars)
-  writer.close()
-  checkpointer.close()
+  return Evaluation(index, cells, member_probs, table, scalars)
+
+
+Extension = Callable[[Plan, trained_lib.Trained, Evaluation, Report], dict]
+
+
+def run(config, workdir: pathlib.Path, extend: Extension | None = None,
+        title: str = "cellrep: cell classification") -> dict:
+  """prepare -> train -> evaluate -> `extend` (more report sections and scalars) -> report.
+
+  Returns the scalars written to metrics.jsonl at the end.
+  """
+  workdir = pathlib.Path(workdir)
+  plan = prepare(config, workdir)
+  writer = metric_writer(workdir)
+  try:
+    trained = train(config, workdir, plan, writer)
+    report = Report(workdir / "report", title)
+    result = evaluate(config, workdir, plan, trained, report)
+    scalars = dict(result.scalars)
+    if extend is not None:
+      scalars.update(extend(plan, trained, result, report))
+    report.write()
+    writer.write(plan.num_steps, scalars)
+  finally:
+    writer.close()
   logging.info("held-out balanced recall %.3f (member 0 alone %.3f); report: %s",
-               stats.get("balanced_recall", float("nan")),
-               single_stats.get("balanced_recall", float("nan")), workdir / "report" / "index.html")
+               scalars.get("eval/balanced_recall", float("nan")),
+               scalars.get("eval/member0_balanced_recall", float("nan")),
+               workdir / "report" / "index.html")
   return scalars

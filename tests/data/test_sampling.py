@@ -3,7 +3,8 @@ import pickle
 import numpy as np
 import pytest
 
-from cellrep.data.sampling import EpochSampler, cap_per_class, sample_weights, split_fovs
+from cellrep.data.sampling import (EpochSampler, cap_per_class, parse_hierarchy, sample_weights,
+                                   split_fovs)
 from cellrep.errors import ConfigError
 
 
@@ -16,6 +17,26 @@ def test_split_fovs_explicit_fraction_and_single():
   assert split_fovs(["only"]) == (["only"], ["only"])
   with pytest.raises(ConfigError, match="unknown FOVs"):
     split_fovs(fovs, ["nope"])
+
+
+def test_split_fovs_with_training_fovs():
+  fovs = ["a", "b", "c"]
+  assert split_fovs(fovs, ["c"], train_fovs=["b", "a"]) == (["a", "b"], ["c"])
+  assert split_fovs(fovs, train_fovs=["a"]) == (["a"], ["b", "c"])
+  # CellSighter's example: one image, trained on and validated on.
+  assert split_fovs(fovs, ["a"], train_fovs=["a"]) == (["a"], ["a"])
+  assert split_fovs(fovs, train_fovs=fovs) == (fovs, fovs)
+  with pytest.raises(ConfigError, match="data.train_fovs"):
+    split_fovs(fovs, train_fovs=["z"])
+
+
+def test_parse_hierarchy():
+  assert parse_hierarchy("", ["x"]) is None
+  assert parse_hierarchy("CD4 T=T; CD8 T = T;B=B", ["B", "CD4 T", "CD8 T"]) == {0: "B", 1: "T", 2: "T"}
+  with pytest.raises(ConfigError, match="without a category"):
+    parse_hierarchy("B=B", ["B", "T"])
+  with pytest.raises(ConfigError, match="has no '='"):
+    parse_hierarchy("B", ["B"])
 
 
 def test_cap_per_class():

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from cellrep.data import gating, ingest
+from cellrep.data.store import open_store
 from cellrep.errors import ConfigError
 from cellrep.tasks import classify
 from cellrep.train.metrics import read_metrics
@@ -84,15 +85,25 @@ def test_bad_config_values_are_config_errors(store, tmp_path):
     classify.run(config, tmp_path)
 
 
-def test_mibi_with_gated_labels_trains(shared_data, tmp_path):
+def test_mibi_bootstrapped_from_gated_landmarks(shared_data, tmp_path):
+  # Unlabelled real data: data.gating.rules labels landmark cells, the model trains on
+  # them and predicts every cell, the unlabelled ones included.
   raw = ingest.ingest_tiff_folder(shared_data / "mibi_fov8", tmp_path / "raw")
-  assert len(raw.cells) == 272 and len(raw.meta.channels) == 22
-  rules = gating.parse_rules("T cell=CD3;B cell=CD20;Tumor=PanKeratin;Stroma=SMA+Vimentin")
-  store = gating.gate_and_relabel(raw, rules, tmp_path / "gated")
-  config = _tiny(store.path, steps=3)
+  assert len(raw.cells) == 272 and len(raw.meta.channels) == 22 and not raw.meta.classes
+  config = _tiny(raw.path, steps=3)
+  config.data.gating.rules = "T cell=CD3;B cell=CD20;Tumor=PanKeratin;Stroma=SMA+Vimentin"
   config.data.crop_size, config.data.input_size = 40, 32
   scalars = classify.run(config, tmp_path / "run")
+  rules = gating.parse_rules(config.data.gating.rules)
+  expected = gating.gate_store(raw, rules)
+  store = open_store(tmp_path / "run" / "store_gated")
+  assert store.meta.classes == ("T cell", "B cell", "Tumor", "Stroma")
+  assert store.cells.label.fillna("-").tolist() == expected.fillna("-").tolist()
   preds = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
   # One FOV: it is both trained on and predicted; every cell gets a prediction.
-  assert len(preds) == 272 and scalars["eval/cells"] == preds.label.notna().sum()
+  assert len(preds) == 272 and scalars["eval/cells"] == preds.label.notna().sum() == 65
   assert set(preds.pred) <= set(store.meta.classes)
+  # A resumed run with other rules would train on other labels: refused.
+  config.data.gating.rules = "T cell=CD3"
+  with pytest.raises(ConfigError, match="data.gating"):
+    classify.run(config, tmp_path / "run")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -14,17 +13,13 @@ import tifffile
 from cellrep.data.store import open_store
 from cellrep.errors import ConfigError, InputError
 from cellrep.tasks import ingest as ingest_task
+from tests.tasks.helpers import get_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _get_config(arg=None):
-  spec = importlib.util.spec_from_file_location("ingest_config", REPO / "configs" / "ingest.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.lock()
-  return config
+  return get_config("ingest", arg)
 
 
 def _launch(*args, cwd=REPO):
