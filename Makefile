@@ -1,5 +1,7 @@
 # make test: create .venv if missing, install cellrep with its test extras, run the tests.
 # make demo: same install, then train and evaluate the synthetic-tissue demo in workdir/demo.
+# make bench: same install plus the bench extra (PyTorch), run the benchmarks into
+#   benchmarks/results/*.json and write their tables into README.md's Performance section.
 SHELL := /bin/bash
 # The newest Python >= 3.11 that actually starts (pyenv shims of absent versions fail).
 PYTHON ?= $(shell for p in python3.14 python3.13 python3.12 python3.11 python3; do \
@@ -7,6 +9,8 @@ PYTHON ?= $(shell for p in python3.14 python3.13 python3.12 python3.11 python3; 
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+BENCHMARKS := bench_peak bench_ensemble bench_inference bench_pipeline
 WORKDIR ?= workdir/demo
 
 .PHONY: install test test-all demo bench clean
@@ -29,6 +33,15 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m cellrep.launch --config=configs/demo.py --workdir=$(WORKDIR)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,xgboost,bench]'
+	touch $@
+
+# About an hour on a 2-core CPU; each benchmark writes its JSON as it goes.
+bench: $(BENCH_STAMP)
+	set -e; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done
+	$(PY) benchmarks/report.py --readme README.md
 
 clean:
 	rm -rf $(VENV) workdir .cache .pytest_cache

@@ -18,6 +18,7 @@ def _launch(*args, tmp_path):
     (["--config=configs/demo.py", "--config.trian.steps=3"], "trian"),
     (["--config=configs/demo.py", "--config.train.steps=abc"], "train.steps"),
     (["--config=configs/demo.py", "--config.model.name=resnet51"], "config.model.name"),
+    (["--config=configs/demo.py", "--config.model.conv_impl=fft"], "config.model.conv_impl"),
     (["--config=configs/demo.py", "--config.data.crop_size=8"], "config.data.crop_size"),
     (["--config=configs/cellsighter.py:members=x"], "members"),
     (["--config=configs/nope.py"], "nope.py"),

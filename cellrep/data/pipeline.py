@@ -2,12 +2,15 @@
 
 Training reads as one chain::
 
-  MapDataset.source(EpochSampler) -> map(read crop) -> batch -> to_iter_dataset
+  MapDataset.source(EpochSampler) -> batch -> map(read the batch's crops) -> to_iter_dataset
       [-> mp_prefetch(workers)]
 
-Its iterator's state (a position in the sampler) is saved with the train state
-so a resumed run reads exactly the batches it would have read. Evaluation reads
-cells in order and pads the last batch, so one compiled program serves all.
+Crops are read a batch at a time (`CropSource.read`: one call, window reads issued
+together, FOVs held in memory), which is several times faster than one Grain
+element per crop; reader threads work on different batches. The iterator's state
+(a position in the sampler's batches) is saved with the train state so a resumed
+run reads exactly the batches it would have read. Evaluation reads cells in order
+and pads the last batch, so one compiled program serves all.
 
 A host batch is a dict of numpy arrays: crop [B, K+2, S, S] float32, label [B]
 int32, index [B] int64 (row of cells.parquet; -1 marks padding).
@@ -26,24 +29,29 @@ from cellrep.data.crops import CropSource
 from cellrep.data.sampling import EpochSampler
 
 
-class ReadCrop(grain.transforms.Map):
-  """Cell index -> crop dict, through a CropSource (pickled to Grain workers)."""
+class ReadCrops(grain.transforms.Map):
+  """A batch of cell indices -> a batch of crop dicts, through a CropSource (pickled to workers)."""
 
   def __init__(self, source: CropSource):
     self.source = source
 
-  def map(self, index):
-    return self.source[index]
+  def map(self, indices):
+    return self.source.read(indices)
 
 
 def train_dataset(source: CropSource, sampler: EpochSampler, batch_size: int, *,
                   workers: int = 0, threads: int = 8, prefetch: int = 2) -> grain.IterDataset:
-  """Batches of `batch_size` crops of the cells `sampler` draws; drops a last partial batch."""
+  """Batches of `batch_size` crops of the cells `sampler` draws; drops a last partial batch.
+
+  threads: batches read concurrently (each batch's reads are themselves parallel in
+  TensorStore); prefetch: batches read ahead beyond those (host memory: threads +
+  prefetch batches).
+  """
   ds = (grain.MapDataset.source(sampler)
-        .map(ReadCrop(source))
         .batch(batch_size, drop_remainder=True)
+        .map(ReadCrops(source))
         .to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                           prefetch_buffer_size=prefetch * batch_size)))
+                                           prefetch_buffer_size=threads + prefetch)))
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return ds
@@ -53,10 +61,9 @@ def eval_batches(source: CropSource, indices: np.ndarray, batch_size: int, *,
                  threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
   """Crops of `indices` in order, in batches of exactly `batch_size`; padding has index -1."""
   ds = (grain.MapDataset.source(np.asarray(indices, np.int64))
-        .map(ReadCrop(source))
         .batch(batch_size, drop_remainder=False)
-        .to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                           prefetch_buffer_size=2 * batch_size)))
+        .map(ReadCrops(source))
+        .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)))
   for batch in ds:
     n = len(batch["index"])
     if n < batch_size:

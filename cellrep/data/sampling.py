@@ -110,16 +110,31 @@ class EpochSampler:
   Epoch e is drawn from `np.random.default_rng((seed, e))`: with replacement and
   probability ∝ weights when weights are given, else a permutation. Item i only
   depends on (seed, i), so any position can be read, by any worker, in any order.
+
+  FOV-local order (`fov_window` > 0, `fovs` the FOV of each of `indices`): the
+  epoch's draws, the same cells as without it, are reordered so that the cells of
+  `fov_window` FOVs at a time (FOVs in a random order) are shuffled together.
+  Consecutive batches then read the same few FOVs, which the crop reader keeps
+  decoded in memory (`CropSource`): each FOV is decoded about once per epoch
+  instead of the chunks under every crop once per crop, when the FOVs do not all
+  fit in memory. Batches mix fewer FOVs; class balance is unchanged.
   """
 
   def __init__(self, indices: np.ndarray, num_samples: int, seed: int,
-               weights: np.ndarray | None = None):
+               weights: np.ndarray | None = None, fovs: np.ndarray | None = None,
+               fov_window: int = 0):
     self.indices = np.asarray(indices, np.int64)
     if len(self.indices) == 0:
       raise ValueError("no cells to sample from")
     self.num_samples = int(num_samples)
     self.seed = int(seed)
     self.p = None if weights is None else np.asarray(weights, np.float64) / np.sum(weights)
+    self.fov_window = int(fov_window)
+    if self.fov_window < 0:
+      raise ValueError(f"fov_window must be >= 0, got {fov_window}")
+    if self.fov_window and (fovs is None or len(fovs) != len(self.indices)):
+      raise ValueError("fov_window needs the FOV of every index (fovs, as long as indices)")
+    self.fovs = None if fovs is None else np.asarray(fovs, np.int64)
     # (epoch, order) swapped as one reference: Grain reads from several threads.
     self._cache = (-1, None)
 
@@ -128,7 +143,7 @@ class EpochSampler:
 
   def __repr__(self) -> str:
     return (f"EpochSampler(cells={len(self.indices)}, num_samples={self.num_samples}, "
-            f"seed={self.seed}, weighted={self.p is not None})")
+            f"seed={self.seed}, weighted={self.p is not None}, fov_window={self.fov_window})")
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -139,8 +154,21 @@ class EpochSampler:
     rng = np.random.default_rng((self.seed, e))
     n = len(self.indices)
     if self.p is None:
-      return self.indices[rng.permutation(n)]
-    return self.indices[rng.choice(n, size=n, replace=True, p=self.p)]
+      drawn = rng.permutation(n)
+    else:
+      drawn = rng.choice(n, size=n, replace=True, p=self.p)
+    if self.fov_window:
+      drawn = self._fov_local(drawn, rng)
+    return self.indices[drawn]
+
+  def _fov_local(self, drawn: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """drawn (positions into indices) reordered: windows of fov_window FOVs, shuffled within."""
+    fov = self.fovs[drawn]
+    order = rng.permutation(np.unique(fov))
+    window = np.empty(fov.max() + 1, np.int64)
+    window[order] = np.arange(len(order)) // self.fov_window
+    # Sort by (window, random key): a shuffle inside each window, windows in FOV order.
+    return drawn[np.lexsort((rng.random(len(drawn)), window[fov]))]
 
   def __getitem__(self, i: int) -> int:
     if not 0 <= i < self.num_samples:

@@ -19,9 +19,25 @@ from cellrep.train.ensemble import resolve_strategy
 from cellrep.train.state import member_sharding
 
 
+# Members per iteration of ``auto`` prediction on a CPU: chunks of 2 ResNet-50 members ran
+# within 5% of all 10 vmapped at once (benchmarks/bench_inference.py) with a fifth of the
+# activation memory (all 10 at batch 128: 2.2 GB).
+CPU_PREDICT_MAP_BATCH = 2
+
+
 def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
-                    strategy: str = "auto") -> Callable:
-  """(variables with member axis, crops [B, C, S, S]) -> probabilities [M, B, classes] float32."""
+                    strategy: str = "auto", *, map_batch: int = 1) -> Callable:
+  """(variables with member axis, crops [B, C, S, S]) -> probabilities [M, B, classes] float32.
+
+  strategy: the member axis as in `cellrep.train.ensemble`: ``vmap`` one program over
+  all members, ``map`` one program looping over chunks of `map_batch` members, ``loop``
+  a Python loop over one jitted member; ``auto`` is ``vmap`` on GPU/TPU and ``map``
+  over chunks of `CPU_PREDICT_MAP_BATCH` members on a CPU. With the model's
+  convolutions as matrix products (conv_impl ``auto`` on a CPU) the members of a
+  chunk run batched matrix products.
+  """
+  if strategy == "auto" and jax.default_backend() == "cpu":
+    strategy, map_batch = "map", CPU_PREDICT_MAP_BATCH
   strategy = resolve_strategy(strategy)
   batch_sh = NamedSharding(mesh, P("data"))
 
@@ -34,7 +50,7 @@ def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: M
       fn = jax.vmap(member_probs, in_axes=(0, None))
     else:
       def fn(variables, crops):
-        return jax.lax.map(lambda v: member_probs(v, crops), variables)
+        return jax.lax.map(lambda v: member_probs(v, crops), variables, batch_size=map_batch)
     return jax.jit(fn, in_shardings=(member_sharding(mesh), batch_sh),
                    out_shardings=NamedSharding(mesh, P("member", "data")))
 

@@ -45,7 +45,8 @@ MODEL_JSON = "model.json"
 def model_and_optimizer(config, num_classes: int, num_steps: int, steps_per_epoch: int):
   """(Flax model, optax optimizer, learning-rate schedule) as `config.model` / `config.train` say."""
   model = get_model(config.model.name, num_classes, width=config.model.width,
-                    stem=config.model.stem, dtype=config.model.dtype)
+                    stem=config.model.stem, dtype=config.model.dtype,
+                    conv_impl=config.model.get("conv_impl", "auto"))
   schedule = learning_rate(config.train.lr, config.train.schedule, num_steps,
                            decay_rate=config.train.decay_rate,
                            decay_steps=config.train.decay_epochs * steps_per_epoch,

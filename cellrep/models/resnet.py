@@ -12,6 +12,9 @@ Options beyond the standard network:
   the last stage with a 1x1 map.
 - ``dtype``: computation dtype (bfloat16 on accelerators); parameters and
   batch statistics stay float32.
+- ``conv_impl``: how convolutions reach XLA (`cellrep.models.conv`): ``auto``
+  (matrix products on a CPU, convolutions elsewhere), ``xla`` or ``im2col``.
+  Parameters are the same under each.
 
 Layout is NHWC: images [batch, height, width, channels].
 """
@@ -23,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from cellrep.models.conv import Conv
 
 ModuleDef = Any
 
@@ -83,10 +88,11 @@ class ResNet(nn.Module):
   width: float = 1.0
   stem: str = "imagenet"
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, impl=self.conv_impl,
                              kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                              epsilon=1e-5, dtype=self.dtype)
@@ -116,9 +122,9 @@ class ResNet(nn.Module):
 
 
 def resnet(name: str, num_classes: int, width: float = 1.0, stem: str = "imagenet",
-           dtype=jnp.float32) -> ResNet:
+           dtype=jnp.float32, conv_impl: str = "auto") -> ResNet:
   if name not in STAGES:
     raise ValueError(f"unknown ResNet {name!r}; known: {sorted(STAGES)}")
   stages, block = STAGES[name]
   return ResNet(stage_sizes=stages, block=block, num_classes=num_classes, width=width,
-                stem=stem, dtype=dtype)
+                stem=stem, dtype=dtype, conv_impl=conv_impl)

@@ -48,7 +48,7 @@ from cellrep.eval import classification
 from cellrep.eval.report import Report, write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
-from cellrep.models import DTYPES, NAMES
+from cellrep.models import CONV_IMPLS, DTYPES, NAMES
 from cellrep.train.checkpoint import Checkpointer
 from cellrep.train.ensemble import STRATEGIES, MemberStep, make_mesh, make_train_step
 from cellrep.train.loop import fit
@@ -89,7 +89,9 @@ def default_config() -> ml_collections.ConfigDict:
       workers=0,                             # Grain worker processes (0 = threads in-process)
       threads=8,                             # Grain reader threads
   )
-  c.model = dict(name="resnet50", width=1.0, stem="imagenet", dtype="float32")
+  # conv_impl: "auto" = convolutions as matrix products on a CPU, XLA convolutions elsewhere
+  # (cellrep.models.conv; parameters are the same under each).
+  c.model = dict(name="resnet50", width=1.0, stem="imagenet", dtype="float32", conv_impl="auto")
   c.ensemble = dict(members=10, strategy="auto", mesh_member=1, mesh_data=-1)
   c.train = dict(
       steps=0,                    # total steps; 0 = epochs x (training cells // batch)
@@ -125,6 +127,7 @@ def validate(config) -> None:
   config_util.check_choice(c, "model.name", NAMES)
   config_util.check_choice(c, "model.stem", ("imagenet", "small"))
   config_util.check_choice(c, "model.dtype", DTYPES)
+  config_util.check_choice(c, "model.conv_impl", CONV_IMPLS)
   config_util.check_choice(c, "ensemble.strategy", STRATEGIES)
   config_util.check_choice(c, "train.schedule", SCHEDULES)
   if c.data.source == "store":

@@ -79,3 +79,28 @@ def test_unweighted_epochs_are_permutations():
   s = EpochSampler(np.arange(10, 20), 30, seed=0)
   for e in range(3):
     assert sorted(s[i] for i in range(10 * e, 10 * e + 10)) == list(range(10, 20))
+
+
+def test_fov_local_order_keeps_each_epochs_draws_and_groups_fovs():
+  labels = np.array([0] * 900 + [1] * 100)
+  fovs = np.arange(1000) % 10
+  weights = sample_weights(labels)
+  plain = EpochSampler(np.arange(1000), 3000, seed=3, weights=weights)
+  local = EpochSampler(np.arange(1000), 3000, seed=3, weights=weights, fovs=fovs, fov_window=2)
+  for e in range(3):
+    a = np.array([plain[i] for i in range(1000 * e, 1000 * e + 1000)])
+    b = np.array([local[i] for i in range(1000 * e, 1000 * e + 1000)])
+    # The same cells as the globally shuffled epoch (so the same class balance), reordered.
+    np.testing.assert_array_equal(np.sort(a), np.sort(b))
+    assert not np.array_equal(a, b)
+    # Runs of 2 FOVs: the FOV changes window at most 4 times (5 windows of 2 FOVs each).
+    window_of = {}
+    for f in fovs[b]:
+      window_of.setdefault(f, len(window_of) // 2)
+    windows = np.array([window_of[f] for f in fovs[b]])
+    assert np.all(np.diff(windows) >= 0) and windows.max() == 4
+  # Deterministic and random-access after pickling, like the plain sampler.
+  clone = pickle.loads(pickle.dumps(local))
+  assert [clone[i] for i in range(2999, 1999, -1)] == [local[i] for i in range(2999, 1999, -1)]
+  with pytest.raises(ValueError, match="fovs"):
+    EpochSampler(np.arange(10), 10, seed=0, fov_window=2)

@@ -25,8 +25,8 @@ def test_ensemble_is_mean_argmax_max():
   np.testing.assert_allclose(conf, [0.6, 0.8])
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map"])
-def test_strategies_predict_the_same(strategy):
+@pytest.mark.parametrize("strategy,map_batch", [("vmap", 1), ("map", 1), ("map", 2), ("auto", 1)])
+def test_strategies_predict_the_same(strategy, map_batch):
   mesh = make_mesh(1, 1)
   model = ResNet(stage_sizes=(1,), block="basic", num_classes=3, width=0.125, stem="small")
   state = create_state(jax.random.key(0), model, optax.sgd(0.1), (1, 8, 8, 4), 3, mesh)
@@ -35,7 +35,8 @@ def test_strategies_predict_the_same(strategy):
               "label": np.zeros(4, np.int32), "index": np.array([0, 1, 2, -1])}]
   ref_idx, ref = predict(state.variables, make_predict_fn(model, _nhwc, mesh, "loop"), batches,
                          data_sharding(mesh))
-  idx, probs = predict(state.variables, make_predict_fn(model, _nhwc, mesh, strategy), batches,
+  idx, probs = predict(state.variables,
+                       make_predict_fn(model, _nhwc, mesh, strategy, map_batch=map_batch), batches,
                        data_sharding(mesh))
   assert ref.shape == (3, 3, 3) and ref_idx.tolist() == [0, 1, 2]  # padding dropped
   np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,194 @@
+r"""One ensemble train step, member strategies side by side: member-samples/s, GFLOP/s, MFU, compile.
+
+  .venv/bin/python benchmarks/bench_ensemble.py [--quick] [--profile DIR]
+      [--models resnet18,resnet50] [--members 1,3,10] [--batch 32]
+
+The step is the real one (`cellrep.train.ensemble`): CellSighter's augmentations
+of [batch, 16, 60, 60] crops (14 markers as Poisson counts + 2 masks) per member,
+ResNet forward and backward, Adam. Variants (`VARIANTS`):
+
+  auto         the default: one program; ``vmap`` over members, or ``lax.map`` over
+               member chunks when the saved activations would not fit in 30% of
+               memory; convolutions as matrix products on a CPU (conv_impl auto)
+  loop         a Python loop of one jitted single-member update, XLA convolutions:
+               the loop of jitted members the issue measures against
+  loop_im2col  the same loop with convolutions as matrix products
+  map_im2col   one program, ``lax.map`` over members one at a time, convolutions as products
+  vmap_xla     plain ``vmap`` with XLA convolutions (grouped ones): the accelerator path
+
+All variants share one train state (same shapes and shardings), handed from one to
+the next, and run in turn round after round, with a jitted float32 2048^2 matrix
+product timed in each round as the machine's reference (`bench_peak.py`):
+MFU = model FLOPs / step time / reference FLOP/s of the same run. FLOPs come from
+XLA's cost analysis of the compiled programs (`program_flops`: one program per
+step, or the loop's member program times M); GFLOP/s and MFU of every variant use
+the same `model_flops`, those of the loop with XLA convolutions (im2col products
+also count the zeros of the padding). Compile times: the first compile with an empty persistent
+cache, then again from the cache. Writes benchmarks/results/ensemble.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import benchlib
+
+VARIANTS = {
+    "auto": ("auto", "auto"),
+    "loop": ("loop", "xla"),
+    "loop_im2col": ("loop", "im2col"),
+    "map_im2col": ("map", "im2col"),
+    "vmap_xla": ("vmap", "xla"),
+}
+CHANNELS = 16  # 14 markers + the two masks
+CLASSES = 8
+REFERENCE_N = 2048
+
+
+def host_batch(batch: int, channels: int, size: int, seed: int = 0) -> dict:
+  """Crops like a MIBI store's: Poisson marker counts, 0/1 masks; labels."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  markers = rng.poisson(3.0, size=(batch, channels - 2, size, size))
+  masks = rng.random((batch, 2, size, size)) < 0.3
+  crop = np.concatenate([markers, masks], axis=1).astype(np.float32)
+  return {"crop": crop, "label": rng.integers(0, CLASSES, batch).astype(np.int32)}
+
+
+def build(name: str, members: int, batch_size: int, size: int, variants, *, width=1.0,
+          stem="imagenet"):
+  """Shared state and batch, and per variant its step with compile times and FLOPs."""
+  import jax
+  import optax
+  from cellrep.data import augment
+  from cellrep.data.pipeline import data_sharding, to_device
+  from cellrep.models import get_model
+  from cellrep.train.ensemble import MemberStep, make_mesh, make_train_step
+  from cellrep.train.state import abstract_state, create_state
+
+  mesh = make_mesh(1, 1)
+  tx = optax.adam(1e-3)
+  shape = (1, size, size, CHANNELS)
+  preprocess = functools.partial(augment.augment, input_size=size)
+  batch = to_device(host_batch(batch_size, CHANNELS, size), data_sharding(mesh))
+  rng = jax.random.key(1)
+  abstract = abstract_state(get_model(name, CLASSES, width=width, stem=stem), tx, shape, members,
+                            mesh)
+  state = create_state(jax.random.key(0), get_model(name, CLASSES, width=width, stem=stem), tx,
+                       shape, members, mesh)
+  steps = {}
+  for variant in variants:
+    strategy, conv_impl = VARIANTS[variant]
+    model = get_model(name, CLASSES, width=width, stem=stem, conv_impl=conv_impl)
+    step = make_train_step(MemberStep(model, tx, preprocess), mesh, abstract, strategy,
+                           batch=batch).resolved(batch)
+    info = {"strategy": step.strategy, "conv_impl": conv_impl, "map_batch": step.map_batch}
+    t = time.perf_counter()
+    lowered = step.lower(abstract, batch, rng)
+    info["lower_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = [(low.compile(), count) for low, count in lowered]
+    info["compile_s"] = time.perf_counter() - t
+    jax.clear_caches()  # so that this compile reads the persistent cache, not memory
+    t = time.perf_counter()
+    for low, _ in step.lower(abstract, batch, rng):
+      low.compile()
+    info["cached_compile_s"] = time.perf_counter() - t  # lowering again + cache read
+    info["program_flops"] = sum(benchlib.cost_flops(c) * n for c, n in compiled)
+    memory = compiled[0][0].memory_analysis()
+    info["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
+    t = time.perf_counter()
+    state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    info["first_call_s"] = time.perf_counter() - t
+    steps[variant] = (step, info, [c for c, _ in compiled])
+    print(f"  {variant:12s} {info['strategy']}/{info['conv_impl']} compile {info['compile_s']:.1f}s "
+          f"(cached {info['cached_compile_s']:.1f}s), {info['program_flops'] / 1e9:.1f} GFLOP/step",
+          flush=True)
+  if "loop" in steps:
+    model_flops = steps["loop"][1]["program_flops"]
+  else:  # the XLA-convolution member program, compiled for its cost analysis only
+    model = get_model(name, CLASSES, width=width, stem=stem, conv_impl="xla")
+    loop = make_train_step(MemberStep(model, tx, preprocess), mesh, abstract, "loop")
+    model_flops = sum(benchlib.cost_flops(low.compile()) * n
+                      for low, n in loop.lower(abstract, batch, rng))
+  return state, batch, rng, steps, model_flops
+
+
+def run_case(name, members, batch_size, size, variants, rounds, profile_dir="", **model_kw):
+  import jax
+
+  from bench_peak import matmul_case
+
+  print(f"{name} x{members}, batch {batch_size}, {size}x{size}:", flush=True)
+  state, batch, rng, steps, model_flops = build(name, members, batch_size, size, variants,
+                                                **model_kw)
+  held = {"state": state}
+
+  def runner(step):
+    def run():
+      held["state"], metrics = step(held["state"], batch, rng)
+      jax.block_until_ready(metrics)
+    return run
+
+  cases = {v: runner(step) for v, (step, _, _) in steps.items()}
+  reference, ref_flops, _ = matmul_case(REFERENCE_N, "float32")
+  cases["reference_matmul"] = reference
+  for run in cases.values():  # warm-up: clear_caches above left the jit caches empty
+    run()
+  timing = benchlib.interleave(cases, rounds)
+  ref_gflops = ref_flops / timing["reference_matmul"]["median_wall_s"] / 1e9
+  out = {"model": name, "members": members, "batch": batch_size, "input": [size, size, CHANNELS],
+         "model_kwargs": model_kw, "rounds": rounds, "model_flops": model_flops,
+         "reference_f32_gflops": ref_gflops, "reference_times": timing.pop("reference_matmul"),
+         "variants": {}}
+  for variant, (step, info, compiled) in steps.items():
+    t = timing[variant]
+    r = dict(info, **t)
+    r["member_samples_per_s"] = members * batch_size / t["median_wall_s"]
+    r["gflops"] = model_flops / t["median_wall_s"] / 1e9
+    r["mfu"] = r["gflops"] / ref_gflops
+    out["variants"][variant] = r
+    print(f"  {variant:12s} {t['median_wall_s']:7.2f} s/step  {r['member_samples_per_s']:7.1f} "
+          f"member-samples/s  {r['gflops']:6.1f} GFLOP/s  MFU {100 * r['mfu']:4.1f}%", flush=True)
+    benchlib.profile(profile_dir, f"{name}_x{members}_{variant}", cases[variant], compiled)
+  base = out["variants"].get("loop")
+  if base:
+    out["vs_loop"] = {v: r["member_samples_per_s"] / base["member_samples_per_s"]
+                      for v, r in out["variants"].items()}
+  best_loop = max((r["member_samples_per_s"] for v, r in out["variants"].items()
+                   if v.startswith("loop")), default=None)
+  if best_loop and "auto" in out["variants"]:
+    out["auto_vs_best_loop"] = out["variants"]["auto"]["member_samples_per_s"] / best_loop
+  print(f"  reference matmul {ref_gflops:.1f} GFLOP/s; load {benchlib.load()}", flush=True)
+  return out
+
+
+def main():
+  p = benchlib.parser(__doc__, "ensemble")
+  p.add_argument("--models", default="resnet18,resnet50")
+  p.add_argument("--members", default="1,3,10")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  args = p.parse_args()
+  benchlib.setup_jax()
+  variants = args.variants.split(",")
+  result = benchlib.header("ensemble", args)
+  result["variants"] = {v: {"strategy": s, "conv_impl": c} for v, (s, c) in VARIANTS.items()}
+  result["cases"] = []
+  if args.quick:
+    plan = [("resnet18", 2, 4, 16, {"width": 0.0625, "stem": "small"})]
+  else:
+    plan = [(m, int(k), args.batch, 60, {}) for m in args.models.split(",")
+            for k in args.members.split(",")]
+  rounds = args.repeats or (1 if args.quick else 4)
+  for name, members, batch_size, size, kw in plan:
+    result["cases"].append(run_case(name, members, batch_size, size, variants, rounds,
+                                    args.profile, **kw))
+    result["load_average_end"] = benchlib.load()
+    benchlib.write(args.out, result)  # after every case: a long run leaves what it measured
+
+
+if __name__ == "__main__":
+  main()

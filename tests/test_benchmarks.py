@@ -1,0 +1,56 @@
+"""Every benchmark runs end to end in --quick mode and writes its JSON; report.py tables them.
+
+Timings are not checked here (they live in benchmarks/results/); only that each
+benchmark runs and records what the README table needs.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+BENCH = REPO / "benchmarks"
+
+
+def _run(script, *args, cwd=REPO):
+  done = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def _quick(name, tmp_path, *extra):
+  out = tmp_path / f"{name}.json"
+  _run(f"bench_{name}.py", "--quick", "--out", str(out), *extra)
+  result = json.loads(out.read_text())
+  assert result["quick"] and result["machine"]["cores"] >= 1 and len(result["load_average_start"]) == 3
+  return result
+
+
+def test_peak_and_pipeline_quick(tmp_path):
+  peak = _quick("peak", tmp_path, "--profile", str(tmp_path / "profile"))
+  assert set(peak["reference"]) == {"float32", "bfloat16"}
+  assert all(r["gflops"] > 0 for r in peak["reference"].values())
+  assert (tmp_path / "profile" / "matmul_float32.hlo.txt").is_file()
+  pipeline = _quick("pipeline", tmp_path)
+  assert {c["fov_window"] for c in pipeline["configs"]} == {0, 1}
+  assert all(c["crops_per_s"] > 0 for c in pipeline["configs"])
+  text = _run("report.py", "--results", str(tmp_path))
+  assert "Reference FLOP rate" in text and "Crop pipeline" in text
+
+
+@pytest.mark.slow  # compiles five train steps and five predictors: about two minutes
+def test_ensemble_and_inference_quick_and_report(tmp_path):
+  ensemble = _quick("ensemble", tmp_path)
+  (case,) = ensemble["cases"]
+  assert set(case["variants"]) == {"auto", "loop", "loop_im2col", "map_im2col", "vmap_xla"}
+  auto = case["variants"]["auto"]
+  assert auto["strategy"] == "vmap" and auto["compile_s"] > 0 and auto["cached_compile_s"] > 0
+  assert case["model_flops"] > 0 and 0 < auto["mfu"] and case["vs_loop"]["loop"] == 1.0
+  inference = _quick("inference", tmp_path)
+  assert inference["variants"]["auto"]["member_images_per_s"] > 0
+  text = _run("report.py", "--results", str(tmp_path))
+  assert "Ensemble train step" in text and "Ensemble inference" in text
