@@ -11,7 +11,12 @@ implementation and compute dtype (``auto`` is the default predictor). PyTorch: t
 
 The ensemble predicts M members per cell, so the comparison is per member-image:
 cellrep member-images/s = M * cells/s against PyTorch images/s of one network.
-All cases run in turn round after round. Needs the `bench` extra (torch,
+All cases run in turn round after round, with a jitted float32 2048^2 matrix
+product as the machine's reference (`bench_peak.py`). GFLOP/s and MFU (÷ that
+reference) of every variant, PyTorch's included, use the same model FLOPs: XLA's
+cost analysis of one member's forward pass with XLA convolutions, times M (the
+cost analysis of a ``lax.map`` program counts its loop body once, and im2col
+products also count the padding's zeros). Needs the `bench` extra (torch,
 torchvision); without it, cellrep alone is measured. Writes
 benchmarks/results/inference.json.
 """
@@ -32,6 +37,7 @@ VARIANTS = {
 }
 CHANNELS = 14
 CLASSES = 8
+REFERENCE_N = 2048
 
 
 def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **model_kw):
@@ -56,6 +62,10 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   def preprocess(c):
     return augment.center(c, size)
 
+  xla_model = get_model(name, CLASSES, conv_impl="xla", **model_kw)
+  first = jax.tree.map(lambda x: x[0], variables)
+  member_flops = benchlib.cost_flops(jax.jit(
+      lambda v, c: xla_model.apply(v, preprocess(c), train=False)).lower(first, crops).compile())
   cases = {}
   for variant in variants:
     strategy, conv_impl, dtype, map_batch = VARIANTS[variant]
@@ -67,7 +77,7 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
       info["strategy"], info["map_batch"] = ("map", CPU_PREDICT_MAP_BATCH) if cpu else ("vmap", 0)
     if hasattr(fn, "lower"):
       compiled = fn.lower(variables, crops).compile()
-      info["flops"] = benchlib.cost_flops(compiled)
+      info["program_flops"] = benchlib.cost_flops(compiled)
       memory = compiled.memory_analysis()
       info["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
     else:
@@ -78,7 +88,7 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
       jax.block_until_ready(fn(variables, crops))
 
     cases[variant] = (run, info, compiled)
-  return cases
+  return cases, member_flops
 
 
 def torch_case(batch: int, size: int, name="resnet50"):
@@ -119,30 +129,40 @@ def main():
   result = benchlib.header("inference", args)
   result.update({"model": name, "model_kwargs": kw, "members": members, "batch": batch,
                  "input": [CHANNELS, size, size], "rounds": rounds})
-  jcases = jax_cases(members, batch, size, variants, name, **kw)
+  from bench_peak import matmul_case
+
+  jcases, member_flops = jax_cases(members, batch, size, variants, name, **kw)
   tcase = torch_case(batch, size, name)
   cases = {v: run for v, (run, _, _) in jcases.items()}
   if tcase:
     cases["torch"] = tcase[0]
+  cases["reference_matmul"], ref_flops, _ = matmul_case(REFERENCE_N, "float32")
   timing = benchlib.interleave(cases, rounds)
+  ref = timing.pop("reference_matmul")
+  ref_gflops = ref_flops / ref["median_wall_s"] / 1e9
+  result.update({"member_model_flops": member_flops, "model_flops": member_flops * members,
+                 "reference_f32_gflops": ref_gflops, "reference_times": ref})
   result["variants"] = {}
   for v, (_, info, _) in jcases.items():
     t = timing[v]
     r = dict(info, **t)
     r["cells_per_s"] = batch / t["median_wall_s"]
     r["member_images_per_s"] = members * batch / t["median_wall_s"]
-    if "flops" in info:
-      r["gflops"] = info["flops"] / t["median_wall_s"] / 1e9
+    r["gflops"] = member_flops * members / t["median_wall_s"] / 1e9
+    r["mfu"] = r["gflops"] / ref_gflops
     result["variants"][v] = r
-    print(f"{v:10s} {r['cells_per_s']:8.1f} cells/s  {r['member_images_per_s']:8.1f} member-images/s",
-          flush=True)
+    print(f"{v:10s} {r['cells_per_s']:8.1f} cells/s  {r['member_images_per_s']:8.1f} member-images/s"
+          f"  {r['gflops']:6.1f} GFLOP/s  MFU {100 * r['mfu']:4.1f}%", flush=True)
   if tcase:
     t = timing["torch"]
-    result["torch"] = dict(tcase[1], **t, images_per_s=batch / t["median_wall_s"])
+    result["torch"] = dict(tcase[1], **t, images_per_s=batch / t["median_wall_s"],
+                           gflops=member_flops / t["median_wall_s"] / 1e9)
+    result["torch"]["mfu"] = result["torch"]["gflops"] / ref_gflops
     result["vs_torch"] = {v: r["member_images_per_s"] / result["torch"]["images_per_s"]
                           for v, r in result["variants"].items()}
     print(f"{'torch':10s} {result['torch']['images_per_s']:8.1f} images/s; per member-image vs torch: "
           + ", ".join(f"{v} {x:.2f}x" for v, x in result["vs_torch"].items()), flush=True)
+  print(f"reference matmul {ref_gflops:.1f} GFLOP/s", flush=True)
   result["load_average_end"] = benchlib.load()
   for v, (run, _, compiled) in jcases.items():
     benchlib.profile(args.profile, f"predict_{v}", run, compiled)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -113,8 +114,11 @@ def main():
   p.add_argument("--fov-windows", default="0,2")
   p.add_argument("--batches", type=int, default=40)
   args = p.parse_args()
+  # Grain reads absl flags (in this process and its workers): parse them, none given.
+  from absl import flags
+  flags.FLAGS(sys.argv[:1])
   if args.quick:
-    args.fovs, args.fov_size, args.chunks, args.threads, args.workers = 2, 256, "64", "2", "0"
+    args.fovs, args.fov_size, args.chunks, args.threads, args.workers = 2, 256, "64", "2", "0,1"
     args.fov_windows, args.batches = "0,1", 2
   rounds = args.repeats or (1 if args.quick else 3)
   result = benchlib.header("pipeline", args)

@@ -70,17 +70,23 @@ def ensemble(r: dict) -> list[str]:
 
 
 def inference(r: dict) -> list[str]:
-  lines = ["| predictor | strategy / convs / dtype | cells/s | member-images/s | vs PyTorch |",
-           "|---|---|---|---|---|"]
+  lines = ["| predictor | strategy / convs / dtype | cells/s | member-images/s | vs PyTorch | GFLOP/s | MFU |",
+           "|---|---|---|---|---|---|---|"]
+  nan = float("nan")
   for name, v in r["variants"].items():
     strategy = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" else "")
     lines.append(f"| {name} | {strategy} / {v['conv_impl']} / {v['dtype']} | {v['cells_per_s']:.1f}"
-                 f" | {v['member_images_per_s']:.1f} | {r.get('vs_torch', {}).get(name, float('nan')):.2f}x |")
+                 f" | {v['member_images_per_s']:.1f} | {r.get('vs_torch', {}).get(name, nan):.2f}x"
+                 f" | {v.get('gflops', nan):.0f} | {100 * v.get('mfu', nan):.0f}% |")
   if "torch" in r:
     t = r["torch"]
-    lines.append(f"| PyTorch torchvision resnet50 | channels_last, inference_mode, float32 | "
-                 f"{t['images_per_s']:.1f} | {t['images_per_s']:.1f} | 1.00x |")
-  lines.append(f"\n{r['members']} members of {r['model']}, batch {r['batch']}, crops {r['input']}.")
+    lines.append(f"| PyTorch torchvision {r['model']} | channels_last, inference_mode, float32 | "
+                 f"{t['images_per_s']:.1f} | {t['images_per_s']:.1f} | 1.00x"
+                 f" | {t.get('gflops', nan):.0f} | {100 * t.get('mfu', nan):.0f}% |")
+  lines.append(f"\n{r['members']} members of {r['model']}, batch {r['batch']}, crops {r['input']}; "
+               "GFLOP/s from the model's FLOPs (XLA cost analysis of one member's forward pass), "
+               f"MFU = that / the jitted float32 matmul's {r.get('reference_f32_gflops', nan):.0f}"
+               " GFLOP/s measured in the same rounds.")
   return lines
 
 

@@ -37,6 +37,7 @@ def test_peak_and_pipeline_quick(tmp_path):
   assert (tmp_path / "profile" / "matmul_float32.hlo.txt").is_file()
   pipeline = _quick("pipeline", tmp_path)
   assert {c["fov_window"] for c in pipeline["configs"]} == {0, 1}
+  assert {c["workers"] for c in pipeline["configs"]} == {0, 1}  # Grain worker processes start
   assert all(c["crops_per_s"] > 0 for c in pipeline["configs"])
   text = _run("report.py", "--results", str(tmp_path))
   assert "Reference FLOP rate" in text and "Crop pipeline" in text

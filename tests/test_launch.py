@@ -20,6 +20,7 @@ def _launch(*args, tmp_path):
     (["--config=configs/demo.py", "--config.model.name=resnet51"], "config.model.name"),
     (["--config=configs/demo.py", "--config.model.conv_impl=fft"], "config.model.conv_impl"),
     (["--config=configs/demo.py", "--config.data.crop_size=8"], "config.data.crop_size"),
+    (["--config=configs/demo.py", "--config.data.fov_window=-1"], "config.data.fov_window"),
     (["--config=configs/cellsighter.py:members=x"], "members"),
     (["--config=configs/nope.py"], "nope.py"),
 ])

@@ -88,6 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
       normalize="none",                      # "none" (raw counts) | "p99" | "anscombe"
       workers=0,                             # Grain worker processes (0 = threads in-process)
       threads=8,                             # Grain reader threads
+      fov_window=0,                          # >0: shuffle this many FOVs' cells at a time (FOV-local
+                                             # order: each FOV decoded ~once per epoch; README Performance)
   )
   # conv_impl: "auto" = convolutions as matrix products on a CPU, XLA convolutions elsewhere
   # (cellrep.models.conv; parameters are the same under each).
@@ -141,6 +143,8 @@ def validate(config) -> None:
   check(c.data.crop_size >= c.data.input_size, "data.crop_size",
         f"{c.data.crop_size} < data.input_size {c.data.input_size}", "a read window at least the input size")
   check(0 < c.data.val_fraction < 1, "data.val_fraction", f"{c.data.val_fraction}", "a fraction in (0, 1)")
+  check(c.data.get("fov_window", 0) >= 0, "data.fov_window", f"{c.data.get('fov_window')}",
+        "0 (all cells shuffled together) or a number of FOVs shuffled together")
   check(c.model.width > 0, "model.width", f"{c.model.width}", "a positive multiplier")
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
   check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
@@ -293,7 +297,9 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   weights = (None if config.data.balance == "none" else
              sample_weights(plan.labels[plan.train_idx], config.data.balance,
                             parse_hierarchy(config.data.hierarchy, plan.classes)))
-  sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights)
+  sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights,
+                         fovs=store.cells.fov.to_numpy()[plan.train_idx],
+                         fov_window=config.data.get("fov_window", 0))
   batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
                                threads=config.data.threads))
 
