@@ -59,11 +59,15 @@ def train_dataset(source: CropSource, sampler: EpochSampler, batch_size: int, *,
 
 def eval_batches(source: CropSource, indices: np.ndarray, batch_size: int, *,
                  threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
-  """Crops of `indices` in order, in batches of exactly `batch_size`; padding has index -1."""
+  """Crops of `indices` in order, in batches of exactly `batch_size`; padding has index -1.
+
+  threads: batches read concurrently (Grain reads no more at once than it buffers, so
+  the buffer holds `threads` batches).
+  """
   ds = (grain.MapDataset.source(np.asarray(indices, np.int64))
         .batch(batch_size, drop_remainder=False)
         .map(ReadCrops(source))
-        .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2)))
+        .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
   for batch in ds:
     n = len(batch["index"])
     if n < batch_size:
