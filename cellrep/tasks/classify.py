@@ -143,7 +143,7 @@ def validate(config) -> None:
   check(c.data.crop_size >= c.data.input_size, "data.crop_size",
         f"{c.data.crop_size} < data.input_size {c.data.input_size}", "a read window at least the input size")
   check(0 < c.data.val_fraction < 1, "data.val_fraction", f"{c.data.val_fraction}", "a fraction in (0, 1)")
-  check(c.data.get("fov_window", 0) >= 0, "data.fov_window", f"{c.data.get('fov_window')}",
+  check(c.data.fov_window >= 0, "data.fov_window", f"{c.data.fov_window}",
         "0 (all cells shuffled together) or a number of FOVs shuffled together")
   check(c.model.width > 0, "model.width", f"{c.model.width}", "a positive multiplier")
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
@@ -299,7 +299,7 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
                             parse_hierarchy(config.data.hierarchy, plan.classes)))
   sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights,
                          fovs=store.cells.fov.to_numpy()[plan.train_idx],
-                         fov_window=config.data.get("fov_window", 0))
+                         fov_window=config.data.fov_window)
   batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
                                threads=config.data.threads))
 
