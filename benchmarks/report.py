@@ -16,6 +16,7 @@ slowed by other work would otherwise inflate the utilisation.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 
@@ -41,7 +42,7 @@ def _mfu(gflops: float, run_reference: float, floor: float) -> float:
   return gflops / max(run_reference, floor)
 
 
-def peak(r: dict, floor: float = 0.0) -> list[str]:
+def peak(r: dict) -> list[str]:
   ref = r["reference"]
   lines = ["| jitted n x n matmul | " + " | ".join(f"n = {n}" for n in ref["float32"]["by_size"])
            + " | reference |", "|---|" + "---|" * (len(ref["float32"]["by_size"]) + 1)]
@@ -99,7 +100,7 @@ def inference(r: dict, floor: float = 0.0) -> list[str]:
   return lines
 
 
-def pipeline(r: dict, floor: float = 0.0) -> list[str]:
+def pipeline(r: dict) -> list[str]:
   best = {}
   for c in r["configs"]:
     key = (c["chunk"], c["fov_window"])
@@ -120,17 +121,18 @@ def pipeline(r: dict, floor: float = 0.0) -> list[str]:
 
 def markdown(results=benchlib.RESULTS) -> str:
   parts = []
-  quiet = _load(pathlib.Path(results), "peak")
-  floor = quiet["reference"]["float32"]["gflops"] if quiet else 0.0
-  for name, title, fn in (("ensemble", "Ensemble train step", ensemble),
+  loaded = {name: _load(pathlib.Path(results), name)
+            for name in ("ensemble", "peak", "inference", "pipeline")}
+  floor = loaded["peak"]["reference"]["float32"]["gflops"] if loaded["peak"] else 0.0
+  for name, title, fn in (("ensemble", "Ensemble train step", functools.partial(ensemble, floor=floor)),
                           ("peak", "Reference FLOP rate", peak),
-                          ("inference", "Ensemble inference", inference),
+                          ("inference", "Ensemble inference", functools.partial(inference, floor=floor)),
                           ("pipeline", "Crop pipeline", pipeline)):
-    r = _load(pathlib.Path(results), name)
+    r = loaded[name]
     if r is None:
       continue
     parts += [f"#### {title} (`benchmarks/results/{name}.json`)", "", f"_{_machine(r)}._", "",
-              *fn(r, floor), ""]
+              *fn(r), ""]
   return "\n".join(parts)
 
 
