@@ -41,6 +41,9 @@ $(BENCH_STAMP): $(STAMP)
 # About an hour on a 2-core CPU; each benchmark writes its JSON as it goes.
 bench: $(BENCH_STAMP)
 	set -e; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done
+	$(PY) benchmarks/bench_inference.py --batch 256 --out benchmarks/results/inference_256.json
+	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 \
+	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd.json
 	$(PY) benchmarks/report.py --readme README.md
 
 clean:

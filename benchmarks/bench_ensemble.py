@@ -15,6 +15,9 @@ ResNet forward and backward, Adam. Variants (`VARIANTS`):
   loop_im2col  the same loop with convolutions as matrix products
   map_im2col   one program, ``lax.map`` over members one at a time, convolutions as products
   vmap_xla     plain ``vmap`` with XLA convolutions (grouped ones): the accelerator path
+  auto_winograd  the default's plan with Winograd 3x3 convolutions; only on request
+               (`make bench` runs ``--models resnet18,resnet50 --members 1 --variants
+               auto,auto_winograd``, writing results/ensemble_winograd.json)
 
 All variants share one train state (same shapes and shardings), handed from one to
 the next, and run in turn round after round, with a jitted float32 2048^2 matrix
@@ -38,6 +41,7 @@ VARIANTS = {
     "auto": ("auto", "auto"),
     "loop": ("loop", "xla"),
     "loop_im2col": ("loop", "im2col"),
+    "auto_winograd": ("auto", "winograd"),
     "map_im2col": ("map", "im2col"),
     "vmap_xla": ("vmap", "xla"),
 }
@@ -170,7 +174,7 @@ def main():
   p.add_argument("--models", default="resnet18,resnet50")
   p.add_argument("--members", default="1,3,10")
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "auto_winograd"))
   args = p.parse_args()
   benchlib.setup_jax()
   variants = args.variants.split(",")

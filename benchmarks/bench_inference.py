@@ -1,6 +1,10 @@
 r"""Ensemble inference: the 10-member ResNet-50 predictor against PyTorch's ResNet-50, same run.
 
   .venv/bin/python benchmarks/bench_inference.py [--quick] [--profile DIR] [--batch 128]
+      [--out FILE]
+
+`make bench` runs it at batch 128 (results/inference.json) and at 256, the
+classify task's `predict.batch_size` (results/inference_256.json).
 
 cellrep: `cellrep.infer.predict.make_predict_fn` on [batch, 14, 60, 60] crops
 (centre crop, ResNet-50 with an ImageNet stem taking 14 channels, softmax per
@@ -16,9 +20,9 @@ product as the machine's reference (`bench_peak.py`). GFLOP/s and MFU (÷ that
 reference) of every variant, PyTorch's included, use the same model FLOPs: XLA's
 cost analysis of one member's forward pass with XLA convolutions, times M (the
 cost analysis of a ``lax.map`` program counts its loop body once, and im2col
-products also count the padding's zeros). Needs the `bench` extra (torch,
-torchvision); without it, cellrep alone is measured. Writes
-benchmarks/results/inference.json.
+products also count the padding's zeros); the multiplications Winograd saves are
+not subtracted, so its MFU is an effective rate. Needs the `bench` extra (torch,
+torchvision); without it, cellrep alone is measured.
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import benchlib
 
 # name: (strategy, conv_impl, compute dtype, members per map iteration)
 VARIANTS = {
-    "auto": ("auto", "auto", "float32", 1),       # CPU: map over chunks of 2 members, im2col
+    "auto": ("auto", "auto", "float32", 1),       # CPU: map over members one at a time, Winograd
+    "auto_im2col": ("auto", "im2col", "float32", 1),  # the same with im2col 3x3 convolutions
     "auto_bf16": ("auto", "auto", "bfloat16", 1),
     "vmap": ("vmap", "auto", "float32", 1),       # all members at once
-    "map": ("map", "auto", "float32", 1),         # one member at a time
+    "map2": ("map", "auto", "float32", 2),        # chunks of 2 members
     "loop": ("loop", "xla", "float32", 1),        # the predictor before issue 4
 }
 CHANNELS = 14
@@ -49,6 +54,7 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   from cellrep.data.pipeline import data_sharding
   from cellrep.infer.predict import CPU_PREDICT_MAP_BATCH, make_predict_fn
   from cellrep.models import get_model
+  from cellrep.models.conv import resolve_conv_impl
   from cellrep.train.ensemble import make_mesh
 
   mesh = make_mesh(1, 1)
@@ -71,7 +77,8 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
     strategy, conv_impl, dtype, map_batch = VARIANTS[variant]
     model = get_model(name, CLASSES, conv_impl=conv_impl, dtype=dtype, **model_kw)
     fn = make_predict_fn(model, preprocess, mesh, strategy, map_batch=map_batch)
-    info = {"strategy": strategy, "conv_impl": conv_impl, "dtype": dtype, "map_batch": map_batch}
+    info = {"strategy": strategy, "conv_impl": resolve_conv_impl(conv_impl, inference=True),
+            "dtype": dtype, "map_batch": map_batch}
     if strategy == "auto":
       cpu = jax.default_backend() == "cpu"
       info["strategy"], info["map_batch"] = ("map", CPU_PREDICT_MAP_BATCH) if cpu else ("vmap", 0)

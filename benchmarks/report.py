@@ -3,8 +3,8 @@ r"""The README's performance tables, from the benchmark JSON files.
   .venv/bin/python benchmarks/report.py                      # print the markdown
   .venv/bin/python benchmarks/report.py --readme README.md   # and replace it in the README
 
-Reads benchmarks/results/{peak,ensemble,inference,pipeline}.json (those that
-exist) and writes the tables between the README's `<!-- bench:begin -->` and
+Reads benchmarks/results/{peak,ensemble,inference,inference_256,pipeline}.json
+(those that exist) and writes the tables between the README's `<!-- bench:begin -->` and
 `<!-- bench:end -->` lines, so `make bench` leaves the README with the numbers
 it measured.
 
@@ -96,7 +96,8 @@ def inference(r: dict, floor: float = 0.0) -> list[str]:
   lines.append(f"\n{r['members']} members of {r['model']}, batch {r['batch']}, crops {r['input']}; "
                "GFLOP/s from the model's FLOPs (XLA cost analysis of one member's forward pass), "
                f"MFU = that / the jitted float32 matmul's {max(ref, floor):.0f} GFLOP/s (the larger of"
-               " the one measured in the same rounds and bench_peak's).")
+               " the one measured in the same rounds and bench_peak's); the multiplications Winograd"
+               " saves still count, so its MFU is an effective rate.")
   return lines
 
 
@@ -122,11 +123,13 @@ def pipeline(r: dict) -> list[str]:
 def markdown(results=benchlib.RESULTS) -> str:
   parts = []
   loaded = {name: _load(pathlib.Path(results), name)
-            for name in ("ensemble", "peak", "inference", "pipeline")}
+            for name in ("ensemble", "peak", "inference", "inference_256", "pipeline")}
   floor = loaded["peak"]["reference"]["float32"]["gflops"] if loaded["peak"] else 0.0
   for name, title, fn in (("ensemble", "Ensemble train step", functools.partial(ensemble, floor=floor)),
                           ("peak", "Reference FLOP rate", peak),
                           ("inference", "Ensemble inference", functools.partial(inference, floor=floor)),
+                          ("inference_256", "Ensemble inference, batch 256",
+                           functools.partial(inference, floor=floor)),
                           ("pipeline", "Crop pipeline", pipeline)):
     r = loaded[name]
     if r is None:

@@ -15,14 +15,15 @@ import pandas as pd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cellrep.data.pipeline import to_device
+from cellrep.models.conv import resolve_conv_impl
 from cellrep.train.ensemble import resolve_strategy
 from cellrep.train.state import member_sharding
 
 
-# Members per iteration of ``auto`` prediction on a CPU: chunks of 2 ResNet-50 members ran
-# within 5% of all 10 vmapped at once (benchmarks/bench_inference.py) with a fifth of the
-# activation memory (all 10 at batch 128: 2.2 GB).
-CPU_PREDICT_MAP_BATCH = 2
+# Members per iteration of ``auto`` prediction on a CPU: one ResNet-50 member at a time
+# (Winograd convolutions) ran 7-16% faster than chunks of 2 and 40% faster than all 10
+# vmapped at once (benchmarks/bench_inference.py), with the activation memory of one.
+CPU_PREDICT_MAP_BATCH = 1
 
 
 def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
@@ -34,8 +35,11 @@ def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: M
   a Python loop over one jitted member; ``auto`` is ``vmap`` on GPU/TPU and ``map``
   over chunks of `CPU_PREDICT_MAP_BATCH` members on a CPU. With the model's
   convolutions as matrix products (conv_impl ``auto`` on a CPU) the members of a
-  chunk run batched matrix products.
+  chunk run batched matrix products. A model with conv_impl ``auto`` predicts with
+  `resolve_conv_impl`'s inference choice (Winograd 3x3 convolutions on a CPU).
   """
+  if getattr(model, "conv_impl", None) == "auto":
+    model = model.clone(conv_impl=resolve_conv_impl("auto", inference=True))
   if strategy == "auto" and jax.default_backend() == "cpu":
     strategy, map_batch = "map", CPU_PREDICT_MAP_BATCH
   strategy = resolve_strategy(strategy)
@@ -50,7 +54,9 @@ def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: M
       fn = jax.vmap(member_probs, in_axes=(0, None))
     else:
       def fn(variables, crops):
-        return jax.lax.map(lambda v: member_probs(v, crops), variables, batch_size=map_batch)
+        # batch_size=1 would add a size-1 axis to every array and copy all members' weights.
+        return jax.lax.map(lambda v: member_probs(v, crops), variables,
+                           batch_size=map_batch if map_batch > 1 else None)
     return jax.jit(fn, in_shardings=(member_sharding(mesh), batch_sh),
                    out_shardings=NamedSharding(mesh, P("member", "data")))
 

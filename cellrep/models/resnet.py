@@ -13,8 +13,8 @@ Options beyond the standard network:
 - ``dtype``: computation dtype (bfloat16 on accelerators); parameters and
   batch statistics stay float32.
 - ``conv_impl``: how convolutions reach XLA (`cellrep.models.conv`): ``auto``
-  (matrix products on a CPU, convolutions elsewhere), ``xla`` or ``im2col``.
-  Parameters are the same under each.
+  (matrix products on a CPU, convolutions elsewhere), ``xla``, ``im2col`` or
+  ``winograd``. Parameters are the same under each.
 
 Layout is NHWC: images [batch, height, width, channels].
 """

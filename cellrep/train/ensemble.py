@@ -230,7 +230,7 @@ def make_train_step(member_step: MemberStep, mesh: Mesh, abstract_state, strateg
 
     def map_members(state, batch, rng, ids):
       return jax.lax.map(lambda xs: member_step(xs[0], batch, rng, xs[1]), (state, ids),
-                         batch_size=map_batch)
+                         batch_size=map_batch if map_batch > 1 else None)
 
     if mesh.shape["member"] > 1:
       # Each device maps over its own members; a scan over a sharded axis would gather it.

@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +44,27 @@ def test_strategies_predict_the_same(strategy, map_batch):
   np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ref.sum(-1), 1, rtol=1e-5)
   assert not np.allclose(ref[:, 0], ref[:, 1])  # members differ
+
+
+def test_auto_predicts_with_winograd_on_cpu_as_xla_convolutions_do():
+  mesh = make_mesh(1, 1)
+  model = ResNet(stage_sizes=(1, 1), block="basic", num_classes=3, width=0.25, stem="small")
+  state = create_state(jax.random.key(0), model, optax.sgd(0.1), (1, 12, 12, 4), 3, mesh)
+  # Random BN scales: the zero-initialised ones would hide each block's last convolution.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, x: (jax.random.uniform(jax.random.key(x.size), x.shape, minval=0.5)
+                       if path[-1].key == "scale" else x), state.variables)
+  crops = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 12, 12)), jnp.float32)
+  auto = make_predict_fn(model, _nhwc, mesh, "map")
+  xla = make_predict_fn(model.clone(conv_impl="xla"), _nhwc, mesh, "map")
+  np.testing.assert_allclose(auto(variables, crops), xla(variables, crops), rtol=1e-4, atol=1e-6)
+  text = auto.lower(variables, crops).as_text()
+  assert "convolution" not in text
+  # Winograd F(4x4, 3x3): one product per tile position, a dot batched over 36.
+  winograd_dot = re.compile(r"batching_dims = \[0\] x \[0\][^\n]*: \(tensor<36x")
+  assert winograd_dot.search(text)
+  assert not winograd_dot.search(make_predict_fn(model.clone(conv_impl="im2col"), _nhwc, mesh,
+                                                 "map").lower(variables, crops).as_text())
 
 
 def test_tables():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cellrep.models import get_model
-from cellrep.models.conv import Conv, conv2d, resolve_conv_impl
+from cellrep.models.conv import Conv, conv2d, resolve_conv_impl, winograd_tile
 
 # (input HxW, kernel, strides, padding): every convolution a ResNet has, plus odd sizes.
 CASES = [
@@ -19,8 +19,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("size,k,stride,padding", CASES)
-def test_im2col_matches_xla_values_and_gradients(size, k, stride, padding):
+# Winograd's own cases: every map size a ResNet at 60 px has, m = 2 and 4, odd sizes,
+# uneven padding; the CASES above fall back to im2col where stride or kernel differ.
+WINOGRAD_CASES = CASES + [
+    (15, 3, 1, "SAME"),             # 4x4 tiles over 15: the overhang is cropped
+    (8, 3, 1, "SAME"),
+    (4, 3, 1, "SAME"),
+    (6, 3, 1, "SAME"),              # m = 2
+    (2, 3, 1, "SAME"),              # too small: im2col
+    (11, 3, 1, ((2, 0), (1, 2))),
+]
+
+
+@pytest.mark.parametrize("impl,size,k,stride,padding",
+                         [("im2col",) + c for c in CASES] + [("winograd",) + c for c in WINOGRAD_CASES])
+def test_matches_xla_values_and_gradients(impl, size, k, stride, padding):
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (2, size, size, 5))
   w = jax.random.normal(kw, (k, k, 5, 7)) / k
@@ -30,12 +43,12 @@ def test_im2col_matches_xla_values_and_gradients(size, k, stride, padding):
     return lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, strides, padding, impl)))
 
   ref = conv2d(x, w, strides, padding, "xla")
-  out = conv2d(x, w, strides, padding, "im2col")
+  out = conv2d(x, w, strides, padding, impl)
   assert out.shape == ref.shape
-  # float32 sums of k*k*5 products in another order.
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # float32 sums of k*k*5 products in another order (Winograd's: of transformed values).
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5)
   grads_ref = jax.grad(loss("xla"), argnums=(0, 1))(x, w)
-  grads = jax.grad(loss("im2col"), argnums=(0, 1))(x, w)
+  grads = jax.grad(loss(impl), argnums=(0, 1))(x, w)
   for g, r in zip(grads, grads_ref):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
@@ -55,6 +68,19 @@ def test_vmap_over_members_gives_batched_products_not_grouped_convolutions():
   assert "convolution" not in text and "dot_general" in text
 
 
+def test_winograd_gradients_vmap_over_members():
+  # Its hand-written gradient under the ensemble's vmap (members' kernels and inputs).
+  x = jax.random.normal(jax.random.key(0), (3, 2, 9, 9, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6)) / 3
+
+  def grads(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), "SAME", impl)))
+    return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(x, w)
+
+  for g, r in zip(grads("winograd"), grads("xla")):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
 def test_conv_module_has_flax_conv_parameters():
   x = jnp.ones((1, 8, 8, 3))
   ours = Conv(4, (3, 3), (2, 2), impl="im2col").init(jax.random.key(0), x)
@@ -63,19 +89,45 @@ def test_conv_module_has_flax_conv_parameters():
   np.testing.assert_array_equal(ours["params"]["kernel"], flax_conv["params"]["kernel"])
 
 
+def test_winograd_tile_by_shape():
+  same = ((1, 1), (1, 1))
+  assert winograd_tile((15, 15), (3, 3), (1, 1), same) == 4
+  assert winograd_tile((4, 4), (3, 3), (1, 1), same) == 4
+  assert winograd_tile((6, 6), (3, 3), (1, 1), same) == 2     # as many products as 2x2 tiles of 4: the smaller m
+  assert winograd_tile((3, 40), (3, 3), (1, 1), same) == 0    # a 3-pixel side: im2col
+  assert winograd_tile((15, 15), (3, 3), (2, 2), same) == 0
+  assert winograd_tile((15, 15), (1, 1), (1, 1), ((0, 0), (0, 0))) == 0
+  assert winograd_tile((15, 15), (3, 3), (1, 1), ((3, 3), (1, 1))) == 0  # its gradient needs pads <= 2
+
+
+def _random_bn_scales(variables):
+  # Zero-initialised BN scales would hide every block's last convolution.
+  def draw(path, leaf):
+    if path[-1].key != "scale":
+      return leaf
+    return jax.random.uniform(jax.random.key(len(path) + leaf.size), leaf.shape, minval=0.5)
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
 def test_resnet_impls_share_parameters_and_agree():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 6))
-  models = {impl: get_model("resnet18", 4, width=0.125, conv_impl=impl) for impl in ("xla", "im2col")}
+  impls = ("xla", "im2col", "winograd")
+  models = {impl: get_model("resnet18", 4, width=0.125, conv_impl=impl) for impl in impls}
   variables = {impl: m.init(jax.random.key(0), x) for impl, m in models.items()}
-  for a, b in zip(jax.tree.leaves(variables["xla"]), jax.tree.leaves(variables["im2col"])):
-    np.testing.assert_array_equal(a, b)
-  ref = models["xla"].apply(variables["xla"], x)
-  np.testing.assert_allclose(models["im2col"].apply(variables["xla"], x), ref, rtol=1e-4, atol=1e-5)
+  for impl in impls[1:]:
+    for a, b in zip(jax.tree.leaves(variables["xla"]), jax.tree.leaves(variables[impl])):
+      np.testing.assert_array_equal(a, b)
+  variables = _random_bn_scales(variables["xla"])
+  ref = models["xla"].apply(variables, x)
+  for impl in impls[1:]:
+    np.testing.assert_allclose(models[impl].apply(variables, x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_auto_is_im2col_on_cpu_and_xla_elsewhere():
+def test_auto_is_im2col_or_winograd_on_cpu_and_xla_elsewhere():
   assert resolve_conv_impl("auto", "cpu") == "im2col"
-  assert resolve_conv_impl("auto", "gpu") == resolve_conv_impl("auto", "tpu") == "xla"
-  assert resolve_conv_impl("xla", "cpu") == "xla"
+  assert resolve_conv_impl("auto", "cpu", inference=True) == "winograd"
+  for backend in ("gpu", "tpu"):
+    assert resolve_conv_impl("auto", backend) == resolve_conv_impl("auto", backend, True) == "xla"
+  assert resolve_conv_impl("xla", "cpu", inference=True) == "xla"
   with pytest.raises(ValueError, match="unknown conv"):
-    resolve_conv_impl("winograd")
+    resolve_conv_impl("fft")
