@@ -44,6 +44,8 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_inference.py --batch 256 --out benchmarks/results/inference_256.json
 	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 \
 	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd.json
+	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 --batch 128 \
+	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd_128.json
 	$(PY) benchmarks/report.py --readme README.md
 
 clean:

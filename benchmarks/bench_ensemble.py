@@ -17,7 +17,8 @@ ResNet forward and backward, Adam. Variants (`VARIANTS`):
   vmap_xla     plain ``vmap`` with XLA convolutions (grouped ones): the accelerator path
   auto_winograd  the default's plan with Winograd 3x3 convolutions; only on request
                (`make bench` runs ``--models resnet18,resnet50 --members 1 --variants
-               auto,auto_winograd``, writing results/ensemble_winograd.json)
+               auto,auto_winograd`` at batch 32 and 128, writing
+               results/ensemble_winograd.json and ensemble_winograd_128.json)
 
 All variants share one train state (same shapes and shardings), handed from one to
 the next, and run in turn round after round, with a jitted float32 2048^2 matrix

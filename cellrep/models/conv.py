@@ -26,11 +26,13 @@ Implementations (`IMPLS`):
   input), and the tiles' products are transformed back. Every other convolution is
   im2col. Float32 results differ from a direct convolution by ~1e-6 relative. Its
   gradients are written out (`_winograd_bwd`: the input's is a Winograd
-  convolution again, the kernel's im2col); autodiff through the transforms ran
-  1.5-2.4x slower than im2col, and even so a train step is 7-17% slower.
+  convolution again, the kernel's taken in the transformed domain); autodiff
+  through the transforms ran 1.5-2.4x slower than im2col.
 - ``auto``: ``xla`` on GPU/TPU. On a CPU, ``im2col`` to train and ``winograd`` to
-  predict (`resolve_conv_impl`): the ResNet-50 ensemble predictor ran ~12% faster
-  with Winograd, a train step no faster (benchmarks/bench_inference.py, README).
+  predict (`resolve_conv_impl`): the ResNet-50 ensemble predictor ran 12-16% faster
+  with Winograd; a ResNet-18/50 train step 4-6% slower at batch 32 and ~10% faster
+  at 128 (benchmarks/bench_ensemble.py, README), so training by Winograd is a
+  choice (``model.conv_impl``) until ``auto`` weighs the batch.
 
 The im2col copy costs kh*kw times the input's memory for 3x3 and 7x7
 convolutions; 1x1 convolutions are a (strided) slice and a product, no copy.
@@ -162,33 +164,48 @@ def _combine(coefs, terms):
   return out
 
 
-def _winograd_conv(x, kernel, padding, m):
-  """3x3 stride-1 convolution by Winograd F(m x m, 3 x 3); x [B, H, W, C] padded by `padding`."""
-  bt, g, at = _WINOGRAD[m]
+def _winograd_input(x, padding, m):
+  """B^T d B of every (m + 2)^2 input tile d: ([(m + 2)^2, B * th * tw, C], (th, tw))."""
+  bt = _WINOGRAD[m][0]
   a = m + 2
   (top, bottom), (left, right) = padding
   b, h, w, cin = x.shape
-  ho, wo = h + top + bottom - 2, w + left + right - 2
-  th, tw = -(-ho // m), -(-wo // m)
+  th, tw = -(-(h + top + bottom - 2) // m), -(-(w + left + right - 2) // m)
   # Pad so the tiles (stride m, size m + 2) cover the output; the overhang is cropped.
   x = jnp.pad(x, ((0, 0), (top, th * m + 2 - h - top), (left, tw * m + 2 - w - left), (0, 0)))
-  # Input transform B^T d B as sums of strided views: rows first, then columns.
+  # Sums of strided views: rows first, then columns.
   rows = [lax.slice_in_dim(x, i, i + (th - 1) * m + 1, m, axis=1) for i in range(a)]
   v = []
   for r in (_combine(bt[k], rows) for k in range(a)):
     cols = [lax.slice_in_dim(r, j, j + (tw - 1) * m + 1, m, axis=2) for j in range(a)]
     v += [_combine(bt[k], cols) for k in range(a)]
-  v = jnp.stack(v).reshape(a * a, b * th * tw, cin)
-  # Kernel transform G g G^T, elementwise too (as a product, K = 3 runs far below peak).
-  grows = [_combine(g[k], list(kernel)) for k in range(a)]
-  u = jnp.stack([_combine(g[l], list(r)) for r in grows for l in range(a)])
-  # One product per tile position: batch a^2, [tiles, C_in] x [C_in, C_out].
-  prod = jnp.einsum("tpc,tco->tpo", v, u).reshape(a, a, b, th, tw, -1)
-  # Output transform A^T M A, then the m x m pixels of each tile into place.
+  return jnp.stack(v).reshape(a * a, b * th * tw, cin), (th, tw)
+
+
+def _winograd_kernel(kernel, m):
+  """G g G^T: [3, 3, C_in, C_out] -> [(m + 2)^2, C_in, C_out]; elementwise (as a product,
+  K = 3 runs far below peak)."""
+  g = _WINOGRAD[m][1]
+  rows = [_combine(g[k], list(kernel)) for k in range(m + 2)]
+  return jnp.stack([_combine(g[l], list(r)) for r in rows for l in range(m + 2)])
+
+
+def _winograd_output(prod, m, batch, tiles, out_hw):
+  """A^T M A of every tile's products [(m + 2)^2, B * th * tw, O] -> [B, H', W', O]."""
+  at = _WINOGRAD[m][2]
+  (th, tw), (ho, wo) = tiles, out_hw
+  prod = prod.reshape(m + 2, m + 2, batch, th, tw, -1)
   rows = [_combine(at[p], list(prod)) for p in range(m)]
+  # The m x m pixels of each tile into place.
   y = jnp.stack([jnp.stack([_combine(at[q], list(r)) for q in range(m)], axis=3) for r in rows],
                 axis=2)
-  return y.reshape(b, th * m, tw * m, -1)[:, :ho, :wo]
+  return y.reshape(batch, th * m, tw * m, -1)[:, :ho, :wo]
+
+
+def _winograd_conv(x, kernel, padding, m):
+  """3x3 stride-1 convolution by Winograd F(m x m, 3 x 3); x [B, H, W, C] padded by `padding`."""
+  y, _ = _winograd_fwd(x, kernel, padding, m)
+  return y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -197,22 +214,43 @@ def _winograd(x, kernel, padding, m):
 
 
 def _winograd_fwd(x, kernel, padding, m):
-  return _winograd_conv(x, kernel, padding, m), (x, kernel)
+  (top, bottom), (left, right) = padding
+  out_hw = (x.shape[1] + top + bottom - 2, x.shape[2] + left + right - 2)
+  v, tiles = _winograd_input(x, padding, m)
+  # One product per tile position: batch (m + 2)^2, [tiles, C_in] x [C_in, C_out].
+  prod = jnp.einsum("tpc,tco->tpo", v, _winograd_kernel(kernel, m))
+  return _winograd_output(prod, m, x.shape[0], tiles, out_hw), (v, kernel)
 
 
 def _winograd_bwd(padding, m, residuals, dy):
   """Gradients without differentiating the transforms (their autodiff ran 1.5-2.4x slower
-  than im2col): the input's is the convolution of dy with the kernel flipped and
-  transposed (Winograd again), the kernel's the im2col patches of x times dy."""
-  x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
+  than im2col). The input's is the convolution of dy with the kernel flipped and
+  transposed (Winograd again); the kernel's is taken in the transformed domain: the
+  transposed output transform spreads dy over the tiles' positions, one product
+  [C_in, tiles] x [tiles, C_out] per position with the forward's transformed input,
+  and the transposed kernel transform sums them back to 3 x 3."""
+  v, kernel = residuals
+  kh, kw, _, cout = kernel.shape
+  b, ho, wo, _ = dy.shape
+  a = m + 2
+  at, g = _WINOGRAD[m][2], _WINOGRAD[m][1]
   back = tuple((kh - 1 - lo, kh - 1 - hi) for lo, hi in padding)
   flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
   tile = winograd_tile(dy.shape[1:3], (kh, kw), (1, 1), back)
   dx = (_winograd_conv(dy, flipped, back, tile) if tile
         else _im2col_conv(dy, flipped, (1, 1), back))
-  dk = jnp.einsum("bhwk,bhwo->ko", _patches(x, (kh, kw), (1, 1), padding), dy)
-  return dx, dk.reshape(kernel.shape)
+  th, tw = -(-ho // m), -(-wo // m)
+  dyt = jnp.pad(dy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
+  dyt = dyt.reshape(b, th, m, tw, m, cout)
+  cols = [[_combine(at[:, l], [dyt[:, :, p, :, q] for q in range(m)]) for l in range(a)]
+          for p in range(m)]
+  dprod = jnp.stack([_combine(at[:, k], [cols[p][l] for p in range(m)])
+                     for k in range(a) for l in range(a)]).reshape(a * a, b * th * tw, cout)
+  du = jnp.einsum("tpc,tpo->tco", v, dprod).reshape(a, a, *kernel.shape[2:])
+  rows = [[_combine(g[:, j], list(du[k])) for j in range(kw)] for k in range(a)]
+  dk = jnp.stack([jnp.stack([_combine(g[:, i], [rows[k][j] for k in range(a)]) for j in range(kw)])
+                  for i in range(kh)])
+  return dx, dk
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
