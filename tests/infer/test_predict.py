@@ -13,6 +13,7 @@ from cellrep.models.resnet import ResNet
 from cellrep.train.ensemble import make_mesh
 from cellrep.train.state import create_state
 from cellrep.data.pipeline import data_sharding
+from tests.models.helpers import random_bn_scales
 
 
 def _nhwc(crops):
@@ -50,10 +51,7 @@ def test_auto_predicts_with_winograd_on_cpu_as_xla_convolutions_do():
   mesh = make_mesh(1, 1)
   model = ResNet(stage_sizes=(1, 1), block="basic", num_classes=3, width=0.25, stem="small")
   state = create_state(jax.random.key(0), model, optax.sgd(0.1), (1, 12, 12, 4), 3, mesh)
-  # Random BN scales: the zero-initialised ones would hide each block's last convolution.
-  variables = jax.tree_util.tree_map_with_path(
-      lambda path, x: (jax.random.uniform(jax.random.key(x.size), x.shape, minval=0.5)
-                       if path[-1].key == "scale" else x), state.variables)
+  variables = random_bn_scales(state.variables)
   crops = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 12, 12)), jnp.float32)
   auto = make_predict_fn(model, _nhwc, mesh, "map")
   xla = make_predict_fn(model.clone(conv_impl="xla"), _nhwc, mesh, "map")
