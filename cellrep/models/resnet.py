@@ -14,7 +14,8 @@ Options beyond the standard network:
   batch statistics stay float32.
 - ``conv_impl``: how convolutions reach XLA (`cellrep.models.conv`): ``auto``
   (matrix products on a CPU, convolutions elsewhere), ``xla``, ``im2col`` or
-  ``winograd``. Parameters are the same under each.
+  ``winograd``. Parameters are the same under each. The stem's max-pool follows it
+  (`cellrep.models.pool`: reduce_window for ``xla``, strided views otherwise).
 
 Layout is NHWC: images [batch, height, width, channels].
 """
@@ -28,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cellrep.models.conv import Conv
+from cellrep.models.pool import max_pool
 
 ModuleDef = Any
 
@@ -102,7 +104,7 @@ class ResNet(nn.Module):
     if self.stem == "imagenet":
       x = conv(base, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=[(1, 1), (1, 1)])
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)), impl=self.conv_impl)
     elif self.stem == "small":
       x = conv(base, (3, 3), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))

@@ -69,8 +69,9 @@ def test_vmap_over_members_gives_batched_products_not_grouped_convolutions():
   assert "convolution" not in text and "dot_general" in text
 
 
-def test_winograd_gradients_vmap_over_members():
-  # Its hand-written gradient under the ensemble's vmap (members' kernels and inputs).
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+def test_gradients_vmap_over_members(impl):
+  # The hand-written gradients under the ensemble's vmap (members' kernels and inputs).
   x = jax.random.normal(jax.random.key(0), (3, 2, 9, 9, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 6)) / 3
 
@@ -78,8 +79,19 @@ def test_winograd_gradients_vmap_over_members():
     loss = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), "SAME", impl)))
     return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(x, w)
 
-  for g, r in zip(grads("winograd"), grads("xla")):
+  for g, r in zip(grads(impl), grads("xla")):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_im2col_kernel_gradient_reads_dy_in_place():
+  # Autodiff's kernel gradient made XLA:CPU write dy transposed, [C_out, B*H*W], by a
+  # second copy of the fusion producing dy; the written-out one reads dy as it is.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 6)) / 3
+  loss = lambda w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), "SAME", "im2col")))
+  text = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
+  assert "f32[6,128]" not in text  # dy transposed: [C_out, B*H*W]
+  assert "f32[128,6]" in text or "f32[2,8,8,6]" in text
 
 
 def test_conv_module_has_flax_conv_parameters():

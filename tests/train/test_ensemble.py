@@ -142,3 +142,15 @@ def test_one_member_vmap_matches_loop():
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_member_on_cpu_writes_a_fresh_state_and_ensembles_donate():
+  # Donated, XLA:CPU copied one member's parameters and Adam moments every step.
+  mesh = make_mesh(1, 1)
+  for members, donate in [(1, ()), (MEMBERS, (0,))]:
+    member_step, state, abstract = _setup(mesh, members)
+    step = make_train_step(member_step, mesh, abstract, "vmap")
+    assert step.donate_argnums == donate
+    old = jax.tree.leaves(state)[0]
+    step(state, next(_batches(1)), jax.random.key(1))
+    assert old.is_deleted() == bool(donate)
