@@ -55,7 +55,8 @@ def peak(r: dict) -> list[str]:
 
 
 def ensemble(r: dict, floor: float = 0.0) -> list[str]:
-  names = list(r["variants"])
+  # The variants this run measured (its "variants" lists every one the benchmark knows).
+  names = [n for n in r["variants"] if any(n in c["variants"] for c in r["cases"])]
   lines = ["| model | M | " + " | ".join(names) + " | auto / loop | auto / best loop | MFU auto"
            " | compile auto (cold / cached) |",
            "|---|---|" + "---|" * (len(names) + 4)]

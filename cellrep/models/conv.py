@@ -17,7 +17,8 @@ Implementations (`IMPLS`):
   im2col, one member or ten (benchmarks/bench_ensemble.py). The views are slices,
   so their gradient is a padded sum that XLA fuses:
   `lax.conv_general_dilated_patches` (an identity-kernel convolution) measured
-  5-20x slower for this.
+  5-20x slower for this. The kernel's gradient is written out as one 2-D product
+  cols^T dy (`_cols_product`): autodiff's form made XLA:CPU write dy transposed.
 - ``winograd``: 3x3 stride-1 convolutions (on maps of 4x4 and more) by Winograd's
   minimal filtering F(m x m, 3 x 3) (Lavin & Gray 2016), m = 4 or 2 by the map's
   size: each (m + 2)^2 input tile is transformed by sums of strided views, the
