@@ -31,9 +31,9 @@ Implementations (`IMPLS`):
   through the transforms ran 1.5-2.4x slower than im2col.
 - ``auto``: ``xla`` on GPU/TPU. On a CPU, ``im2col`` to train and ``winograd`` to
   predict (`resolve_conv_impl`): the ResNet-50 ensemble predictor ran 12-16% faster
-  with Winograd; a ResNet-18/50 train step 4-6% slower at batch 32 and ~10% faster
-  at 128 (benchmarks/bench_ensemble.py, README), so training by Winograd is a
-  choice (``model.conv_impl``) until ``auto`` weighs the batch.
+  with Winograd; a ResNet-50 train step 7% slower at batch 32 (ResNet-18 level) and
+  8% faster at 128 (benchmarks/bench_ensemble.py, README), so training by Winograd
+  is a choice (``model.conv_impl``) until ``auto`` weighs the batch.
 
 The im2col copy costs kh*kw times the input's memory for 3x3 and 7x7
 convolutions; 1x1 convolutions are a (strided) slice and a product, no copy.
