@@ -29,11 +29,11 @@ Implementations (`IMPLS`):
   gradients are written out (`_winograd_bwd`: the input's is a Winograd
   convolution again, the kernel's taken in the transformed domain); autodiff
   through the transforms ran 1.5-2.4x slower than im2col.
-- ``auto``: ``xla`` on GPU/TPU. On a CPU, ``im2col`` to train and ``winograd`` to
-  predict (`resolve_conv_impl`): the ResNet-50 ensemble predictor ran 12-16% faster
-  with Winograd; a ResNet-50 train step 7% slower at batch 32 (ResNet-18 level) and
-  8% faster at 128 (benchmarks/bench_ensemble.py, README), so training by Winograd
-  is a choice (``model.conv_impl``) until ``auto`` weighs the batch.
+- ``auto``: ``xla`` on GPU/TPU. On a CPU, ``winograd`` to predict and to train on
+  batches of 128 or more, ``im2col`` to train on smaller ones (`resolve_conv_impl`):
+  the ResNet-50 ensemble predictor ran 12-16% faster with Winograd; a ResNet-50 train
+  step 7% slower at batch 32 (ResNet-18 level) and 8% faster at 128
+  (benchmarks/bench_ensemble.py, README).
 
 The im2col copy costs kh*kw times the input's memory for 3x3 and 7x7
 convolutions; 1x1 convolutions are a (strided) slice and a product, no copy.
@@ -54,9 +54,15 @@ IMPLS = ("auto", "xla", "im2col", "winograd")
 
 Padding = str | Sequence[tuple[int, int]]
 
+# The batch (per member) from which ``auto`` trains by Winograd on a CPU: a ResNet-50
+# train step ran 8% faster with it at batch 128 and 7% slower at 32.
+CPU_WINOGRAD_TRAIN_BATCH = 128
 
-def resolve_conv_impl(impl: str, backend: str | None = None, inference: bool = False) -> str:
-  """``auto`` -> ``xla`` off CPU; on CPU ``winograd`` for `inference`, else ``im2col``.
+
+def resolve_conv_impl(impl: str, backend: str | None = None, inference: bool = False,
+                      batch: int | None = None) -> str:
+  """``auto`` -> ``xla`` off CPU; on CPU ``winograd`` for `inference` or a `batch` of at
+  least `CPU_WINOGRAD_TRAIN_BATCH` images, else ``im2col``.
 
   Other names pass through (checked)."""
   if impl not in IMPLS:
@@ -65,7 +71,8 @@ def resolve_conv_impl(impl: str, backend: str | None = None, inference: bool = F
     return impl
   if (backend or jax.default_backend()) != "cpu":
     return "xla"
-  return "winograd" if inference else "im2col"
+  large = batch is not None and batch >= CPU_WINOGRAD_TRAIN_BATCH
+  return "winograd" if inference or large else "im2col"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
@@ -78,12 +85,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
     strides: (sy, sx) in pixels.
     padding: "SAME", "VALID" or ((top, bottom), (left, right)) in pixels.
     impl: "xla", "im2col" or "winograd" (see the module docstring); "auto" resolves
-      per backend, as for training.
+      per backend, as for training on this batch.
 
   Returns:
     [B, H', W', C_out], H' = (H + top + bottom - kh) // sy + 1 (and W' alike).
   """
-  impl = resolve_conv_impl(impl)
+  impl = resolve_conv_impl(impl, batch=x.shape[0])
   strides = tuple(int(s) for s in strides)
   if impl == "xla":
     return lax.conv_general_dilated(x, kernel, strides, padding,

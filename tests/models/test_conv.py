@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -128,10 +130,26 @@ def test_resnet_impls_share_parameters_and_agree():
 
 
 def test_auto_is_im2col_or_winograd_on_cpu_and_xla_elsewhere():
-  assert resolve_conv_impl("auto", "cpu") == "im2col"
+  assert resolve_conv_impl("auto", "cpu") == resolve_conv_impl("auto", "cpu", batch=32) == "im2col"
+  assert resolve_conv_impl("auto", "cpu", batch=128) == "winograd"  # large batches train faster
+  assert resolve_conv_impl("im2col", "cpu", batch=256) == "im2col"
   assert resolve_conv_impl("auto", "cpu", inference=True) == "winograd"
   for backend in ("gpu", "tpu"):
     assert resolve_conv_impl("auto", backend) == resolve_conv_impl("auto", backend, True) == "xla"
+    assert resolve_conv_impl("auto", backend, batch=256) == "xla"
   assert resolve_conv_impl("xla", "cpu", inference=True) == "xla"
   with pytest.raises(ValueError, match="unknown conv"):
     resolve_conv_impl("fft")
+
+
+def test_auto_trains_large_batches_by_winograd_on_cpu():
+  # F(4x4, 3x3): one product per tile position, a dot batched over 36.
+  winograd_dot = re.compile(r"batching_dims = \[0\] x \[0\][^\n]*: \(tensor<36x")
+  w = jnp.ones((3, 3, 4, 6))
+
+  def hlo(batch):
+    x = jnp.ones((batch, 8, 8, 4))
+    loss = lambda w: jnp.sum(conv2d(x, w, (1, 1), "SAME", "auto"))
+    return jax.jit(jax.grad(loss)).lower(w).as_text()
+
+  assert winograd_dot.search(hlo(128)) and not winograd_dot.search(hlo(32))
