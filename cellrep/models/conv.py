@@ -105,19 +105,25 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
   return _im2col_conv(x, kernel, strides, padding)
 
 
-def _patches(x, kernel_size, strides, padding):
-  """im2col: [B, H', W', kh*kw*C] of x padded by `padding`, in (i, j, c) order along the last
-  axis, matching kernel.reshape(kh * kw * C_in, C_out)."""
+def strided_views(x, kernel_size, strides, padding, value=0.0):
+  """The kh * kw windows' strided views of x [B, H, W, C] padded by `padding` (with
+  `value`), each [B, H', W', C], in row-major (i, j) order; and the padded shape."""
   kh, kw = kernel_size
   (top, bottom), (left, right) = padding
   if top or bottom or left or right:
-    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  b, h, w, cin = x.shape
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+  b, h, w, c = x.shape
   sy, sx = strides
   ho, wo = (h - kh) // sy + 1, (w - kw) // sx + 1
-  views = [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, cin),
-                     (1, sy, sx, 1))
-           for i in range(kh) for j in range(kw)]
+  return [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c),
+                    (1, sy, sx, 1))
+          for i in range(kh) for j in range(kw)], x.shape
+
+
+def _patches(x, kernel_size, strides, padding):
+  """im2col: [B, H', W', kh*kw*C] of x padded by `padding`, in (i, j, c) order along the last
+  axis, matching kernel.reshape(kh * kw * C_in, C_out)."""
+  views, _ = strided_views(x, kernel_size, strides, padding)
   return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cellrep.models.conv import resolve_conv_impl
+from cellrep.models.conv import resolve_conv_impl, strided_views
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -37,21 +37,9 @@ def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
   return _max_pool(x, window, strides, padding)
 
 
-def _views(x, window, strides, padding):
-  """The kh * kw strided views of x padded by -inf, each [B, H', W', C], in row-major order."""
-  (top, bottom), (left, right) = padding
-  x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=-jnp.inf)
-  b, h, w, c = x.shape
-  (kh, kw), (sy, sx) = window, strides
-  ho, wo = (h - kh) // sy + 1, (w - kw) // sx + 1
-  return [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sy + 1, j + (wo - 1) * sx + 1, c),
-                    (1, sy, sx, 1))
-          for i in range(kh) for j in range(kw)], x.shape
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, padding):
-  return functools.reduce(jnp.maximum, _views(x, window, strides, padding)[0])
+  return functools.reduce(jnp.maximum, strided_views(x, window, strides, padding, -jnp.inf)[0])
 
 
 def _max_pool_fwd(x, window, strides, padding):
@@ -61,7 +49,7 @@ def _max_pool_fwd(x, window, strides, padding):
 
 def _max_pool_bwd(window, strides, padding, residuals, dy):
   x, y = residuals
-  views, (_, h, w, _) = _views(x, window, strides, padding)
+  views, (_, h, w, _) = strided_views(x, window, strides, padding, -jnp.inf)
   (kh, kw), (sy, sx) = window, strides
   _, ho, wo, _ = y.shape
   zero = jnp.zeros((), dy.dtype)

@@ -1,5 +1,3 @@
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from cellrep.models.resnet import ResNet
 from cellrep.train.ensemble import make_mesh
 from cellrep.train.state import create_state
 from cellrep.data.pipeline import data_sharding
-from tests.models.helpers import random_bn_scales
+from tests.models.helpers import WINOGRAD_DOT, random_bn_scales
 
 
 def _nhwc(crops):
@@ -58,10 +56,8 @@ def test_auto_predicts_with_winograd_on_cpu_as_xla_convolutions_do():
   np.testing.assert_allclose(auto(variables, crops), xla(variables, crops), rtol=1e-4, atol=1e-6)
   text = auto.lower(variables, crops).as_text()
   assert "convolution" not in text
-  # Winograd F(4x4, 3x3): one product per tile position, a dot batched over 36.
-  winograd_dot = re.compile(r"batching_dims = \[0\] x \[0\][^\n]*: \(tensor<36x")
-  assert winograd_dot.search(text)
-  assert not winograd_dot.search(make_predict_fn(model.clone(conv_impl="im2col"), _nhwc, mesh,
+  assert WINOGRAD_DOT.search(text)
+  assert not WINOGRAD_DOT.search(make_predict_fn(model.clone(conv_impl="im2col"), _nhwc, mesh,
                                                  "map").lower(variables, crops).as_text())
 
 

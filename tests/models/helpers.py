@@ -1,4 +1,9 @@
+import re
+
 import jax
+
+# Winograd F(4x4, 3x3) in lowered StableHLO: one product per tile position, a dot batched over 36.
+WINOGRAD_DOT = re.compile(r"batching_dims = \[0\] x \[0\][^\n]*: \(tensor<36x")
 
 
 def random_bn_scales(variables):

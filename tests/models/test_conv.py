@@ -1,5 +1,3 @@
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +6,7 @@ import pytest
 
 from cellrep.models import get_model
 from cellrep.models.conv import Conv, conv2d, resolve_conv_impl, winograd_tile
-from tests.models.helpers import random_bn_scales
+from tests.models.helpers import WINOGRAD_DOT, random_bn_scales
 
 # (input HxW, kernel, strides, padding): every convolution a ResNet has, plus odd sizes.
 CASES = [
@@ -143,8 +141,6 @@ def test_auto_is_im2col_or_winograd_on_cpu_and_xla_elsewhere():
 
 
 def test_auto_trains_large_batches_by_winograd_on_cpu():
-  # F(4x4, 3x3): one product per tile position, a dot batched over 36.
-  winograd_dot = re.compile(r"batching_dims = \[0\] x \[0\][^\n]*: \(tensor<36x")
   w = jnp.ones((3, 3, 4, 6))
 
   def hlo(batch):
@@ -152,4 +148,4 @@ def test_auto_trains_large_batches_by_winograd_on_cpu():
     loss = lambda w: jnp.sum(conv2d(x, w, (1, 1), "SAME", "auto"))
     return jax.jit(jax.grad(loss)).lower(w).as_text()
 
-  assert winograd_dot.search(hlo(128)) and not winograd_dot.search(hlo(32))
+  assert WINOGRAD_DOT.search(hlo(128)) and not WINOGRAD_DOT.search(hlo(32))
