@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
-BENCHMARKS := bench_peak bench_ensemble bench_inference bench_pipeline
+BENCHMARKS := bench_peak bench_ensemble bench_inference bench_hostmem bench_pipeline
 WORKDIR ?= workdir/demo
 
 .PHONY: install test test-all demo bench clean

@@ -42,14 +42,21 @@ def parser(description: str, name: str) -> argparse.ArgumentParser:
   return p
 
 
+_KEEP_FREED_MEMORY = False
+
+
 def setup_jax(cpu_devices: int = 0) -> None:
-  """Before any other use of jax: CPU device count and a fresh, empty compilation cache.
+  """Before any other use of jax: host-memory reuse (`cellrep.hostmem`, as the CLI and the
+  tests run), CPU device count and a fresh, empty compilation cache.
 
   The persistent cache lives in a new temporary directory so that the first compile
   of a run is a cold one and the second reads it back (both are reported).
   """
   import tempfile
 
+  from cellrep import hostmem
+  global _KEEP_FREED_MEMORY
+  _KEEP_FREED_MEMORY = hostmem.keep_freed_memory()
   import jax
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
@@ -60,7 +67,8 @@ def setup_jax(cpu_devices: int = 0) -> None:
 
 
 def machine() -> dict:
-  """CPU, cores, memory, accelerator, package versions and XLA flags of this run."""
+  """CPU, cores, memory, accelerator, package versions, XLA flags and host-memory reuse
+  (`cellrep.hostmem`) of this run."""
   info = {
       "cpu": _cpu_model(),
       "cores": os.cpu_count(),
@@ -68,6 +76,7 @@ def machine() -> dict:
       "platform": platform.platform(),
       "python": platform.python_version(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "keep_freed_memory": _KEEP_FREED_MEMORY,
   }
   for pkg in _PACKAGES:
     with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -102,8 +111,15 @@ def time_call(fn: Callable[[], object]) -> dict:
   return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
 
 
-def interleave(cases: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
-  """Times every case once per round, in turn; per case: rounds of wall/CPU seconds, medians."""
+def interleave(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+               ) -> dict[str, dict]:
+  """Times every case once per round, in turn; per case: rounds of wall/CPU seconds, medians.
+
+  `warmup` untimed rounds first: a program's first runs grow the heap that its buffers are
+  then reused from (`cellrep.hostmem`), paying page faults the later runs do not."""
+  for _ in range(warmup):
+    for fn in cases.values():
+      fn()
   out = {name: {"wall_s": [], "cpu_s": [], "load_1min": []} for name in cases}
   for _ in range(rounds):
     for name, fn in cases.items():

@@ -121,16 +121,33 @@ def pipeline(r: dict) -> list[str]:
   return lines
 
 
+def hostmem(r: dict) -> list[str]:
+  names = {"predict": "predictor, 1 member, batch 128", "train": "train step, 1 member, batch 32",
+           "torch": "PyTorch ResNet-50, batch 128", "reference_matmul": "jitted 2048^2 matmul"}
+  lines = ["| ResNet-50 program | s, reuse on | s, reuse off | speed-up (median of rounds) |",
+           "|---|---|---|---|"]
+  for k, ratio in r["speedup_median"].items():
+    on = benchlib.median([run["medians_s"][k] for run in r["runs"]["on"]])
+    off = benchlib.median([run["medians_s"][k] for run in r["runs"]["off"]])
+    lines.append(f"| {names.get(k, k)} | {on:.3f} | {off:.3f} | {ratio:.2f}x |")
+  faults = {name: benchlib.median([run["page_faults_per_round"] for run in runs])
+            for name, runs in r["runs"].items()}
+  lines.append(f"\nMinor page faults per timed round: {faults['on']:,.0f} with reuse, "
+               f"{faults['off']:,.0f} without; {r['rounds']} rounds of one process each way.")
+  return lines
+
+
 def markdown(results=benchlib.RESULTS) -> str:
   parts = []
   loaded = {name: _load(pathlib.Path(results), name)
-            for name in ("ensemble", "peak", "inference", "inference_256", "pipeline")}
+            for name in ("ensemble", "peak", "inference", "inference_256", "hostmem", "pipeline")}
   floor = loaded["peak"]["reference"]["float32"]["gflops"] if loaded["peak"] else 0.0
   for name, title, fn in (("ensemble", "Ensemble train step", functools.partial(ensemble, floor=floor)),
                           ("peak", "Reference FLOP rate", peak),
                           ("inference", "Ensemble inference", functools.partial(inference, floor=floor)),
                           ("inference_256", "Ensemble inference, batch 256",
                            functools.partial(inference, floor=floor)),
+                          ("hostmem", "Host-memory reuse", hostmem),
                           ("pipeline", "Crop pipeline", pipeline)):
     r = loaded[name]
     if r is None:

@@ -1,6 +1,6 @@
 """cellrep: learn representations of single cells from microscopy images.
 
-Layers, bottom to top: ``errors`` < ``data``, ``models`` < ``train`` < ``infer``
+Layers, bottom to top: ``errors``, ``hostmem`` < ``data``, ``models`` < ``train`` < ``infer``
 < ``profiling``, ``eval`` < ``tasks`` < ``launch``. A module imports only from
 layers beneath it.
 """

@@ -5,9 +5,9 @@ r"""Runs one cellrep job from a config file.
       --config.train.steps=200
 
 The config's `task` names a module of `cellrep.tasks` whose `run(config, workdir)`
-does the work. This file only parses flags, sets up logging and the persistent
-compilation cache, and reports errors of input or configuration as one line on
-stderr with exit code 2.
+does the work. This file only parses flags, sets up logging, host-memory reuse
+(`cellrep.hostmem`) and the persistent compilation cache, and reports errors of
+input or configuration as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cellrep import hostmem
 from cellrep.errors import CellrepError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostmem.keep_freed_memory()  # before jax starts XLA's threads
   app.run(main, flags_parser=_parse_flags)

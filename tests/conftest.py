@@ -3,8 +3,13 @@
 import os
 import pathlib
 
+from cellrep import hostmem
+
+# Before jax starts XLA's threads: reuse freed host memory (see cellrep.hostmem).
+hostmem.keep_freed_memory()
+
 # Before any other use of jax: 8 CPU devices for mesh tests.
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")

@@ -55,3 +55,14 @@ def test_ensemble_and_inference_quick_and_report(tmp_path):
   assert inference["variants"]["auto"]["member_images_per_s"] > 0
   text = _run("report.py", "--results", str(tmp_path))
   assert "Ensemble train step" in text and "Ensemble inference" in text
+
+
+@pytest.mark.slow  # two child processes, each compiling a predictor and a train step: two minutes
+def test_hostmem_quick_and_report(tmp_path):
+  # One child process with host-memory reuse, one without (the setting precedes XLA's threads).
+  result = _quick("hostmem", tmp_path)
+  assert result["runs"]["on"][0]["keep_freed_memory"] is True
+  assert result["runs"]["off"][0]["keep_freed_memory"] is False
+  assert set(result["speedup_median"]) == {"predict", "train", "reference_matmul"}
+  text = _run("report.py", "--results", str(tmp_path))
+  assert "Host-memory reuse" in text
