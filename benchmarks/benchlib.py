@@ -45,12 +45,13 @@ def parser(description: str, name: str) -> argparse.ArgumentParser:
 _KEEP_FREED_MEMORY = False
 
 
-def setup_jax(cpu_devices: int = 0) -> None:
+def setup_jax(cpu_devices: int = 0) -> bool:
   """Before any other use of jax: host-memory reuse (`cellrep.hostmem`, as the CLI and the
   tests run), CPU device count and a fresh, empty compilation cache.
 
   The persistent cache lives in a new temporary directory so that the first compile
-  of a run is a cold one and the second reads it back (both are reported).
+  of a run is a cold one and the second reads it back (both are reported). Returns
+  whether host-memory reuse applies (also in `machine()`).
   """
   import tempfile
 
@@ -64,6 +65,7 @@ def setup_jax(cpu_devices: int = 0) -> None:
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return _KEEP_FREED_MEMORY
 
 
 def machine() -> dict:

@@ -34,11 +34,14 @@ M_ARENA_MAX = -8
 _SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
 
 
+def on_glibc() -> bool:
+  """Whether this process's C library is glibc (whose malloc `keep_freed_memory` sets)."""
+  return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
   """Makes glibc malloc reuse freed memory instead of unmapping it. True if applied."""
-  if os.environ.get("CELLREP_KEEP_FREED_MEMORY", "1") == "0":
-    return False
-  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+  if os.environ.get("CELLREP_KEEP_FREED_MEMORY", "1") == "0" or not on_glibc():
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

@@ -2,15 +2,12 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from cellrep import hostmem
-
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # A fresh process (the setting must precede XLA's threads): runs a program whose im2col
 # columns (temporary buffers of ~200 MB) cannot be fused away, and reports the minor page
@@ -44,7 +41,7 @@ def _probe(keep: bool) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+@pytest.mark.skipif(not hostmem.on_glibc(), reason="glibc malloc only")
 def test_reused_buffers_stop_page_faulting():
   kept, fresh = _probe(keep=True), _probe(keep=False)
   assert kept["applied"] and not fresh["applied"]
