@@ -9,15 +9,18 @@ classify task's `predict.batch_size` (results/inference_256.json).
 cellrep: `cellrep.infer.predict.make_predict_fn` on [batch, 14, 60, 60] crops
 (centre crop, ResNet-50 with an ImageNet stem taking 14 channels, softmax per
 member), jitted; variants (`VARIANTS`) by member strategy, convolution
-implementation and compute dtype (``auto`` is the default predictor). PyTorch: torchvision's `resnet50` with
+implementation and compute dtype (``auto`` is the default predictor: bfloat16 products
+on CPUs with AVX512-BF16/AMX, float32 on others). PyTorch: torchvision's `resnet50` with
 `conv1` swapped for 14 input channels, `eval()`, `channels_last`,
-`torch.inference_mode()`, float32, all cores (`torch.set_num_threads`).
+`torch.inference_mode()`, float32, all cores (`torch.set_num_threads`); and the same
+under `torch.autocast("cpu", torch.bfloat16)` (``torch_bf16``).
 
 The ensemble predicts M members per cell, so the comparison is per member-image:
 cellrep member-images/s = M * cells/s against PyTorch images/s of one network.
-All cases run in turn round after round, with a jitted float32 2048^2 matrix
-product as the machine's reference (`bench_peak.py`). GFLOP/s and MFU (÷ that
-reference) of every variant, PyTorch's included, use the same model FLOPs: XLA's
+All cases run in turn round after round, with jitted 2048^2 matrix products as the
+machine's reference (`bench_peak.py`: float32, and bfloat16 operands accumulating in
+float32). GFLOP/s of every variant, PyTorch's included, and MFU (÷ the reference of
+the variant's dtype) use the same model FLOPs: XLA's
 cost analysis of one member's forward pass with XLA convolutions, times M (the
 cost analysis of a ``lax.map`` program counts its loop body once, and im2col
 products also count the padding's zeros); the multiplications Winograd saves are
@@ -31,18 +34,24 @@ import os
 
 import benchlib
 
-# name: (strategy, conv_impl, compute dtype, members per map iteration)
+# name: (strategy, conv_impl, compute dtype, members per map iteration); "auto" as the
+# predictor's defaults (make_predict_fn).
 VARIANTS = {
-    "auto": ("auto", "auto", "float32", 1),       # CPU: map over members one at a time, Winograd
-    "auto_im2col": ("auto", "im2col", "float32", 1),  # the same with im2col 3x3 convolutions
-    "auto_bf16": ("auto", "auto", "bfloat16", 1),
-    "vmap": ("vmap", "auto", "float32", 1),       # all members at once
-    "map2": ("map", "auto", "float32", 2),        # chunks of 2 members
+    "auto": ("auto", "auto", "auto", 1),          # CPU: map over members one at a time; bfloat16
+                                                  # products + im2col where the CPU has them
+    "auto_f32": ("auto", "auto", "float32", 1),   # float32: Winograd 3x3 convolutions
+    "im2col_f32": ("auto", "im2col", "float32", 1),
+    "winograd_bf16": ("auto", "winograd", "bfloat16", 1),  # faster, less accurate (conv.py)
+    "vmap": ("vmap", "auto", "auto", 1),          # all members at once
+    "map2": ("map", "auto", "auto", 2),           # chunks of 2 members
     "loop": ("loop", "xla", "float32", 1),        # the predictor before issue 4
 }
 CHANNELS = 14
 CLASSES = 8
 REFERENCE_N = 2048
+REFERENCE_DTYPES = ("float32", "bfloat16")
+# PyTorch baselines: "torch" is the issue's (float32); "torch_bf16" under autocast.
+TORCH_CASES = {"torch": "float32", "torch_bf16": "bfloat16"}
 
 
 def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **model_kw):
@@ -52,7 +61,7 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   import numpy as np
   from cellrep.data import augment
   from cellrep.data.pipeline import data_sharding
-  from cellrep.infer.predict import CPU_PREDICT_MAP_BATCH, make_predict_fn
+  from cellrep.infer.predict import CPU_PREDICT_MAP_BATCH, make_predict_fn, resolve_dtype
   from cellrep.models import get_model
   from cellrep.models.conv import resolve_conv_impl
   from cellrep.train.ensemble import make_mesh
@@ -75,10 +84,11 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   cases = {}
   for variant in variants:
     strategy, conv_impl, dtype, map_batch = VARIANTS[variant]
-    model = get_model(name, CLASSES, conv_impl=conv_impl, dtype=dtype, **model_kw)
-    fn = make_predict_fn(model, preprocess, mesh, strategy, map_batch=map_batch)
-    info = {"strategy": strategy, "conv_impl": resolve_conv_impl(conv_impl, inference=True),
-            "dtype": dtype, "map_batch": map_batch}
+    model = get_model(name, CLASSES, conv_impl=conv_impl, **model_kw)
+    fn = make_predict_fn(model, preprocess, mesh, strategy, map_batch=map_batch, dtype=dtype)
+    dtype = resolve_dtype(dtype)
+    info = {"strategy": strategy, "dtype": dtype, "map_batch": map_batch,
+            "conv_impl": resolve_conv_impl(conv_impl, inference=True, dtype=dtype)}
     if strategy == "auto":
       cpu = jax.default_backend() == "cpu"
       info["strategy"], info["map_batch"] = ("map", CPU_PREDICT_MAP_BATCH) if cpu else ("vmap", 0)
@@ -98,8 +108,11 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   return cases, member_flops
 
 
-def torch_case(batch: int, size: int, name="resnet50"):
-  """(run, info) for torchvision's network on [batch, 14, size, size], or None without torch."""
+def torch_case(batch: int, size: int, name="resnet50", dtype: str = "float32"):
+  """(run, info) for torchvision's network on [batch, 14, size, size], or None without torch.
+
+  dtype ``bfloat16``: under `torch.autocast` (oneDNN's bf16 convolutions on CPUs that
+  have them), the counterpart of cellrep's bfloat16 predictor."""
   try:
     import torch
     import torchvision
@@ -112,12 +125,13 @@ def torch_case(batch: int, size: int, name="resnet50"):
   x = torch.randn(batch, CHANNELS, size, size).to(memory_format=torch.channels_last)
 
   def run():
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16,
+                                                enabled=dtype == "bfloat16"):
       net(x)
 
   run()
   return run, {"torch_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-               "memory_format": "channels_last", "dtype": "float32"}
+               "memory_format": "channels_last", "dtype": dtype}
 
 
 def main():
@@ -139,16 +153,20 @@ def main():
   from bench_peak import matmul_case
 
   jcases, member_flops = jax_cases(members, batch, size, variants, name, **kw)
-  tcase = torch_case(batch, size, name)
+  tcases = {key: torch_case(batch, size, name, dtype) for key, dtype in TORCH_CASES.items()}
+  tcases = {key: c for key, c in tcases.items() if c}
   cases = {v: run for v, (run, _, _) in jcases.items()}
-  if tcase:
-    cases["torch"] = tcase[0]
-  cases["reference_matmul"], ref_flops, _ = matmul_case(REFERENCE_N, "float32")
+  cases.update({key: run for key, (run, _) in tcases.items()})
+  ref_flops = {}
+  for dtype in REFERENCE_DTYPES:
+    cases[f"reference_{dtype}"], ref_flops[dtype], _ = matmul_case(REFERENCE_N, dtype)
   timing = benchlib.interleave(cases, rounds)
-  ref = timing.pop("reference_matmul")
-  ref_gflops = ref_flops / ref["median_wall_s"] / 1e9
+  ref_times = {dtype: timing.pop(f"reference_{dtype}") for dtype in REFERENCE_DTYPES}
+  refs = {dtype: ref_flops[dtype] / t["median_wall_s"] / 1e9 for dtype, t in ref_times.items()}
+  ref_gflops = refs["float32"]
   result.update({"member_model_flops": member_flops, "model_flops": member_flops * members,
-                 "reference_f32_gflops": ref_gflops, "reference_times": ref})
+                 "reference_gflops": refs, "reference_f32_gflops": ref_gflops,
+                 "reference_times": ref_times})
   result["variants"] = {}
   for v, (_, info, _) in jcases.items():
     t = timing[v]
@@ -156,20 +174,21 @@ def main():
     r["cells_per_s"] = batch / t["median_wall_s"]
     r["member_images_per_s"] = members * batch / t["median_wall_s"]
     r["gflops"] = member_flops * members / t["median_wall_s"] / 1e9
-    r["mfu"] = r["gflops"] / ref_gflops
+    r["mfu"] = r["gflops"] / refs[r["dtype"]]
     result["variants"][v] = r
     print(f"{v:10s} {r['cells_per_s']:8.1f} cells/s  {r['member_images_per_s']:8.1f} member-images/s"
           f"  {r['gflops']:6.1f} GFLOP/s  MFU {100 * r['mfu']:4.1f}%", flush=True)
-  if tcase:
-    t = timing["torch"]
-    result["torch"] = dict(tcase[1], **t, images_per_s=batch / t["median_wall_s"],
-                           gflops=member_flops / t["median_wall_s"] / 1e9)
-    result["torch"]["mfu"] = result["torch"]["gflops"] / ref_gflops
-    result["vs_torch"] = {v: r["member_images_per_s"] / result["torch"]["images_per_s"]
-                          for v, r in result["variants"].items()}
-    print(f"{'torch':10s} {result['torch']['images_per_s']:8.1f} images/s; per member-image vs torch: "
-          + ", ".join(f"{v} {x:.2f}x" for v, x in result["vs_torch"].items()), flush=True)
-  print(f"reference matmul {ref_gflops:.1f} GFLOP/s", flush=True)
+  for key, (_, info) in tcases.items():
+    t = timing[key]
+    result[key] = dict(info, **t, images_per_s=batch / t["median_wall_s"],
+                       gflops=member_flops / t["median_wall_s"] / 1e9)
+    result[key]["mfu"] = result[key]["gflops"] / refs[info["dtype"]]
+    result[f"vs_{key}"] = {v: r["member_images_per_s"] / result[key]["images_per_s"]
+                           for v, r in result["variants"].items()}
+    print(f"{key:10s} {result[key]['images_per_s']:8.1f} images/s; per member-image vs {key}: "
+          + ", ".join(f"{v} {x:.2f}x" for v, x in result[f"vs_{key}"].items()), flush=True)
+  print("reference matmul " + ", ".join(f"{d} {g:.1f}" for d, g in refs.items()) + " GFLOP/s",
+        flush=True)
   result["load_average_end"] = benchlib.load()
   for v, (run, _, compiled) in jcases.items():
     benchlib.profile(args.profile, f"predict_{v}", run, compiled)

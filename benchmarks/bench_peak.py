@@ -1,5 +1,7 @@
 r"""The machine's reference FLOP rate: jitted float32 and bfloat16 matrix products.
 
+bfloat16 operands accumulate in float32 (a float32 result), as in cellrep's models.
+
   .venv/bin/python benchmarks/bench_peak.py [--quick] [--profile DIR]
 
 Square n x n products (n = 1024, 2048, 4096) under `jax.jit`, interleaved, median
@@ -29,7 +31,10 @@ def matmul_case(n: int, dtype: str):
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+  # Accumulating in float32, the form mixed-precision models use (cellrep.models.conv); a
+  # bfloat16 result makes XLA:CPU convert the operands to float32 before the product.
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
+              ).lower(a, b).compile()
   f(a, b).block_until_ready()
   return (lambda: f(a, b).block_until_ready()), 2.0 * n**3, f
 

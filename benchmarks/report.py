@@ -79,26 +79,42 @@ def ensemble(r: dict, floor: float = 0.0) -> list[str]:
   return lines
 
 
-def inference(r: dict, floor: float = 0.0) -> list[str]:
-  lines = ["| predictor | strategy / convs / dtype | cells/s | member-images/s | vs PyTorch | GFLOP/s | MFU |",
-           "|---|---|---|---|---|---|---|"]
+def inference(r: dict, floors: dict | None = None) -> list[str]:
+  lines = ["| predictor | strategy / convs / dtype | cells/s | member-images/s | vs PyTorch"
+           " | vs PyTorch bf16 | GFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|"]
   nan = float("nan")
-  ref = r.get("reference_f32_gflops", nan)
+  floors = floors or {}
+  refs = r.get("reference_gflops", {"float32": r.get("reference_f32_gflops", nan)})
+  ref, floor = refs["float32"], floors.get("float32", 0.0)
+
+  def mfu(gflops, dtype):
+    return 100 * _mfu(gflops, refs.get(dtype, nan), floors.get(dtype, 0.0))
+
   for name, v in r["variants"].items():
     strategy = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" else "")
     lines.append(f"| {name} | {strategy} / {v['conv_impl']} / {v['dtype']} | {v['cells_per_s']:.1f}"
                  f" | {v['member_images_per_s']:.1f} | {r.get('vs_torch', {}).get(name, nan):.2f}x"
-                 f" | {v.get('gflops', nan):.0f} | {100 * _mfu(v.get('gflops', nan), ref, floor):.0f}% |")
-  if "torch" in r:
-    t = r["torch"]
-    lines.append(f"| PyTorch torchvision {r['model']} | channels_last, inference_mode, float32 | "
-                 f"{t['images_per_s']:.1f} | {t['images_per_s']:.1f} | 1.00x"
-                 f" | {t.get('gflops', nan):.0f} | {100 * _mfu(t.get('gflops', nan), ref, floor):.0f}% |")
+                 f" | {r.get('vs_torch_bf16', {}).get(name, nan):.2f}x"
+                 f" | {v.get('gflops', nan):.0f} | {mfu(v.get('gflops', nan), v['dtype']):.0f}% |")
+  for key in ("torch", "torch_bf16"):
+    if key not in r:
+      continue
+    t = r[key]
+    dtype = t.get("dtype", "float32")
+    how = "autocast bfloat16" if dtype == "bfloat16" else "float32"
+    vs = {k: t["images_per_s"] / r[k]["images_per_s"] if k in r else nan
+          for k in ("torch", "torch_bf16")}
+    lines.append(f"| PyTorch torchvision {r['model']} | channels_last, inference_mode, {how} | "
+                 f"{t['images_per_s']:.1f} | {t['images_per_s']:.1f} | {vs['torch']:.2f}x"
+                 f" | {vs['torch_bf16']:.2f}x"
+                 f" | {t.get('gflops', nan):.0f} | {mfu(t.get('gflops', nan), dtype):.0f}% |")
+  bf16 = max(refs.get("bfloat16", nan), floors.get("bfloat16", 0.0))
   lines.append(f"\n{r['members']} members of {r['model']}, batch {r['batch']}, crops {r['input']}; "
                "GFLOP/s from the model's FLOPs (XLA cost analysis of one member's forward pass), "
-               f"MFU = that / the jitted float32 matmul's {max(ref, floor):.0f} GFLOP/s (the larger of"
-               " the one measured in the same rounds and bench_peak's); the multiplications Winograd"
-               " saves still count, so its MFU is an effective rate.")
+               f"MFU = that / the jitted matmul's GFLOP/s in the variant's dtype (float32 "
+               f"{max(ref, floor):.0f}, bfloat16 operands {bf16:.0f}: the larger of the one measured"
+               " in the same rounds and bench_peak's); the multiplications Winograd saves still"
+               " count, so its MFU is an effective rate.")
   return lines
 
 
@@ -141,12 +157,14 @@ def markdown(results=benchlib.RESULTS) -> str:
   parts = []
   loaded = {name: _load(pathlib.Path(results), name)
             for name in ("ensemble", "peak", "inference", "inference_256", "hostmem", "pipeline")}
-  floor = loaded["peak"]["reference"]["float32"]["gflops"] if loaded["peak"] else 0.0
+  floors = ({dtype: x["gflops"] for dtype, x in loaded["peak"]["reference"].items()}
+            if loaded["peak"] else {})
+  floor = floors.get("float32", 0.0)
   for name, title, fn in (("ensemble", "Ensemble train step", functools.partial(ensemble, floor=floor)),
                           ("peak", "Reference FLOP rate", peak),
-                          ("inference", "Ensemble inference", functools.partial(inference, floor=floor)),
+                          ("inference", "Ensemble inference", functools.partial(inference, floors=floors)),
                           ("inference_256", "Ensemble inference, batch 256",
-                           functools.partial(inference, floor=floor)),
+                           functools.partial(inference, floors=floors)),
                           ("hostmem", "Host-memory reuse", hostmem),
                           ("pipeline", "Crop pipeline", pipeline)):
     r = loaded[name]

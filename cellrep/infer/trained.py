@@ -70,6 +70,7 @@ class Trained:
   normalize: str
   mesh: Mesh
   strategy: str = "auto"
+  dtype: str = "auto"  # compute dtype of prediction (cellrep.infer.predict.resolve_dtype)
 
   @property
   def members(self) -> int:
@@ -111,7 +112,8 @@ def store_preprocess(trained: Trained, store: Store, *, min_overlap: float = 0.8
 def predictor(trained: Trained, store: Store, **kwargs) -> tuple[Callable, transfer.ChannelMap]:
   """(predict_fn(variables, crops) -> [M, B, classes], channel map) for crops of `store`."""
   preprocess, cmap = store_preprocess(trained, store, **kwargs)
-  return make_predict_fn(trained.model, preprocess, trained.mesh, trained.strategy), cmap
+  return make_predict_fn(trained.model, preprocess, trained.mesh, trained.strategy,
+                         dtype=trained.dtype), cmap
 
 
 def array_batches(crops: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -180,7 +182,8 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
     raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto") -> Trained:
+def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: str = "auto"
+         ) -> Trained:
   """The ensemble of the latest checkpoint in `workdir` (a finished or interrupted classify run)."""
   workdir = pathlib.Path(workdir)
   config = ml_collections.ConfigDict(_read_json(workdir / "config.json", "the run's config"))
@@ -209,4 +212,5 @@ def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto") -> Traine
     checkpointer.close()
   return Trained(model=model, variables=state.variables, classes=classes, channels=channels,
                  input_size=input_size, crop_size=crop_size,
-                 normalize=meta.get("normalize", "none"), mesh=mesh, strategy=strategy)
+                 normalize=meta.get("normalize", "none"), mesh=mesh, strategy=strategy,
+                 dtype=dtype)

@@ -31,7 +31,7 @@ from cellrep.data.transfer import parse_renames
 from cellrep.eval import classification
 from cellrep.eval.report import Report, write_table
 from cellrep.infer import trained as trained_lib
-from cellrep.infer.predict import cellsighter_csv, predictions_table
+from cellrep.infer.predict import DTYPES as PREDICT_DTYPES, cellsighter_csv, predictions_table
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = "predict"
   c.model_dir = config_dict.placeholder(str)  # work directory of a trained classify run
   c.data = dict(store=config_dict.placeholder(str), fovs="", threads=8)  # fovs: "" = all
-  c.predict = dict(batch_size=256, cellsighter_csv=True)
+  # dtype: "auto" = bfloat16 where its products are faster, else the model's (classify.py)
+  c.predict = dict(batch_size=256, cellsighter_csv=True, dtype="auto")
   c.transfer = dict(min_overlap=0.8,   # least fraction of the model's channels the store must have
                     renames="")        # "model channel=store channel;..." for renamed markers
   return c
@@ -90,8 +91,9 @@ def run(config, workdir) -> dict:
   config_util.check(bool(config.data.store), "data.store", "not set", "the store to predict")
   config_util.check(0 <= config.transfer.min_overlap <= 1, "transfer.min_overlap",
                     f"{config.transfer.min_overlap}", "a fraction in [0, 1]")
+  config_util.check_choice(config, "predict.dtype", PREDICT_DTYPES)
   workdir = pathlib.Path(workdir)
-  trained = trained_lib.load(config.model_dir)
+  trained = trained_lib.load(config.model_dir, dtype=config.predict.dtype)
   store = open_store(config.data.store)
   fovs = [f.strip() for f in config.data.fovs.split(",") if f.strip()]
   unknown = sorted(set(fovs) - set(store.meta.fovs))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cellrep.infer.predict import (cellsighter_csv, ensemble, make_predict_fn, predict,
-                                   predictions_table)
+                                   predictions_table, resolve_dtype)
 from cellrep.models.resnet import ResNet
 from cellrep.train.ensemble import make_mesh
 from cellrep.train.state import create_state
@@ -51,14 +51,50 @@ def test_auto_predicts_with_winograd_on_cpu_as_xla_convolutions_do():
   state = create_state(jax.random.key(0), model, optax.sgd(0.1), (1, 12, 12, 4), 3, mesh)
   variables = random_bn_scales(state.variables)
   crops = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 12, 12)), jnp.float32)
-  auto = make_predict_fn(model, _nhwc, mesh, "map")
-  xla = make_predict_fn(model.clone(conv_impl="xla"), _nhwc, mesh, "map")
+  auto = make_predict_fn(model, _nhwc, mesh, "map", dtype="float32")
+  xla = make_predict_fn(model.clone(conv_impl="xla"), _nhwc, mesh, "map", dtype="float32")
   np.testing.assert_allclose(auto(variables, crops), xla(variables, crops), rtol=1e-4, atol=1e-6)
   text = auto.lower(variables, crops).as_text()
   assert "convolution" not in text
   assert WINOGRAD_DOT.search(text)
   assert not WINOGRAD_DOT.search(make_predict_fn(model.clone(conv_impl="im2col"), _nhwc, mesh,
-                                                 "map").lower(variables, crops).as_text())
+                                                 "map", dtype="float32"
+                                                 ).lower(variables, crops).as_text())
+
+
+def test_bfloat16_predictor_agrees_with_float32():
+  mesh = make_mesh(1, 1)
+  model = ResNet(stage_sizes=(1, 1), block="bottleneck", num_classes=5, width=0.25)
+  state = create_state(jax.random.key(1), model, optax.sgd(0.1), (1, 32, 32, 6), 2, mesh)
+  variables = random_bn_scales(state.variables)
+  # A peaked classifier, so that probabilities are not all near 1/5.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 30 if "fc" in str(p) and p[-1].key == "kernel" else x, variables)
+  crops = jnp.asarray(np.random.default_rng(1).poisson(3.0, (16, 6, 32, 32)), jnp.float32)
+  f32 = make_predict_fn(model, _nhwc, mesh, "map", dtype="float32")
+  bf16 = make_predict_fn(model, _nhwc, mesh, "map", dtype="bfloat16")
+  ref, out = np.asarray(f32(variables, crops)), np.asarray(bf16(variables, crops))
+  assert out.dtype == np.float32 and ref.max() > 0.9
+  np.testing.assert_allclose(out.sum(-1), 1, rtol=1e-5)
+  diff = np.abs(out - ref)
+  assert diff.max() < 0.05 and diff.mean() < 0.005, (diff.max(), diff.mean())
+  assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+  # bfloat16 products (im2col: no Winograd tile positions), float32 accumulation.
+  text = bf16.lower(variables, crops).as_text()
+  assert "xbf16>, tensor<" in text and not WINOGRAD_DOT.search(text.replace("xbf16>", "xf32>"))
+
+
+def test_resolve_dtype(monkeypatch):
+  from cellrep.models import conv as conv_lib
+  assert resolve_dtype("auto", "float32", "gpu") == "bfloat16"
+  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f"}))
+  assert resolve_dtype("auto", jnp.float32, "cpu") == "float32"
+  assert resolve_dtype("auto", jnp.bfloat16, "cpu") == "bfloat16"  # the model's own
+  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+  assert resolve_dtype("auto", jnp.float32, "cpu") == "bfloat16"
+  assert resolve_dtype("float32", jnp.float32, "cpu") == "float32"
+  with pytest.raises(ValueError, match="unknown prediction dtype"):
+    resolve_dtype("float16")
 
 
 def test_tables():

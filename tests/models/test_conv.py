@@ -1,3 +1,5 @@
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -5,6 +7,7 @@ import numpy as np
 import pytest
 
 from cellrep.models import get_model
+from cellrep.models import conv as conv_lib
 from cellrep.models.conv import Conv, conv2d, resolve_conv_impl, winograd_tile
 from tests.models.helpers import WINOGRAD_DOT, random_bn_scales
 
@@ -136,6 +139,11 @@ def test_auto_is_im2col_or_winograd_on_cpu_and_xla_elsewhere():
     assert resolve_conv_impl("auto", backend) == resolve_conv_impl("auto", backend, True) == "xla"
     assert resolve_conv_impl("auto", backend, batch=256) == "xla"
   assert resolve_conv_impl("xla", "cpu", inference=True) == "xla"
+  # bfloat16: im2col on a CPU (Winograd's rounded transforms lose accuracy), XLA elsewhere.
+  assert resolve_conv_impl("auto", "cpu", True, dtype=jnp.bfloat16) == "im2col"
+  assert resolve_conv_impl("auto", "cpu", batch=256, dtype="bfloat16") == "im2col"
+  assert resolve_conv_impl("auto", "gpu", True, dtype=jnp.bfloat16) == "xla"
+  assert resolve_conv_impl("winograd", "cpu", True, dtype=jnp.bfloat16) == "winograd"
   with pytest.raises(ValueError, match="unknown conv"):
     resolve_conv_impl("fft")
 
@@ -149,3 +157,60 @@ def test_auto_trains_large_batches_by_winograd_on_cpu():
     return jax.jit(jax.grad(loss)).lower(w).as_text()
 
   assert WINOGRAD_DOT.search(hlo(128)) and not WINOGRAD_DOT.search(hlo(32))
+
+
+# A dot_general in lowered StableHLO with bfloat16 operands and its result type.
+BF16_DOT = re.compile(r"stablehlo\.dot_general[^\n]*: \(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\)"
+                      r" -> tensor<[^>]*x(\w+)>")
+
+
+# Relative RMS error bounds of bfloat16 operands against float32 (measured: im2col 0.29%,
+# Winograd F(4x4, 3x3) 2.3%, F(2x2, 3x3) 0.5%: its transformed operands are rounded too).
+@pytest.mark.parametrize("impl,size,k,stride,padding,tol",
+                         [("im2col", 12, 3, 2, "SAME", 0.005),
+                          ("im2col", 20, 7, 2, ((3, 3), (3, 3)), 0.005),
+                          ("winograd", 15, 3, 1, "SAME", 0.035),
+                          ("winograd", 6, 3, 1, "SAME", 0.008)])
+def test_bfloat16_products_accumulate_in_float32(impl, size, k, stride, padding, tol):
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (2, size, size, 16))
+  w = jax.random.normal(kw, (k, k, 16, 8)) / (k * 4)
+  strides = (stride, stride)
+  ref = conv2d(x, w, strides, padding, "xla")
+  low = jax.jit(lambda x, w: conv2d(x, w, strides, padding, impl))
+  x16, w16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  out = low(x16, w16)
+  assert out.dtype == jnp.bfloat16
+  # Operands rounded to 8 bits of mantissa, sums in float32.
+  err = jnp.sqrt(jnp.mean((out.astype(jnp.float32) - ref) ** 2) / jnp.mean(ref ** 2))
+  assert float(err) < tol
+  # Every product takes bfloat16 operands to a float32 result (the form XLA:CPU runs natively).
+  text = low.lower(x16, w16).as_text()
+  results = BF16_DOT.findall(text)
+  assert results and set(results) == {"f32"}
+  assert ("batching_dims = [0] x [0]" in text) == (impl == "winograd")  # tile positions
+  grads = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, strides, padding, impl).astype(jnp.float32)
+                                        ** 2), argnums=(0, 1))(x16, w16)
+  grads_ref = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, strides, padding, "xla") ** 2),
+                       argnums=(0, 1))(x, w)
+  for g, r, primal in zip(grads, grads_ref, (x16, w16)):
+    assert g.dtype == primal.dtype
+    gerr = jnp.sqrt(jnp.mean((g.astype(jnp.float32) - r) ** 2) / jnp.mean(r ** 2))
+    assert float(gerr) < 2 * tol
+
+
+def test_bfloat16_im2col_copies_bits_exactly():
+  # The views are concatenated as 16-bit patterns: the product of patches with a one-hot kernel
+  # returns each pixel exactly (a bfloat16 times 1, summed with zeros, in float32).
+  x = jax.random.normal(jax.random.key(2), (1, 5, 5, 3)).astype(jnp.bfloat16)
+  w = jnp.zeros((3, 3, 3, 3), jnp.bfloat16).at[1, 1].set(jnp.eye(3, dtype=jnp.bfloat16))
+  out = conv2d(x, w, (1, 1), "SAME", "im2col")
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32))
+
+
+def test_fast_bfloat16_by_backend_and_cpu_flags(monkeypatch):
+  assert conv_lib.fast_bfloat16("gpu") and conv_lib.fast_bfloat16("tpu")
+  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+  assert not conv_lib.fast_bfloat16("cpu")
+  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+  assert conv_lib.fast_bfloat16("cpu")
