@@ -46,6 +46,8 @@ bench: $(BENCH_STAMP)
 	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd.json
 	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 --batch 128 \
 	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd_128.json
+	$(PY) benchmarks/bench_ensemble.py --models resnet50 --members 1 --variants auto,auto_bf16 \
+	  --repeats 3 --out benchmarks/results/ensemble_bf16.json
 	$(PY) benchmarks/report.py --readme README.md
 
 clean:

@@ -19,6 +19,10 @@ ResNet forward and backward, Adam. Variants (`VARIANTS`):
                (`make bench` runs ``--models resnet18,resnet50 --members 1 --variants
                auto,auto_winograd`` at batch 32 and 128, writing
                results/ensemble_winograd.json and ensemble_winograd_128.json)
+  auto_bf16    the default with ``model.dtype=bfloat16`` (bf16 products accumulating in
+               float32, float32 parameters and Adam); only on request (`make bench`:
+               ResNet-50, one member, results/ensemble_bf16.json); its MFU is against
+               the bfloat16 matmul reference
 
 All variants share one train state (same shapes and shardings), handed from one to
 the next, and run in turn round after round, with a jitted float32 2048^2 matrix
@@ -38,14 +42,17 @@ import time
 
 import benchlib
 
+# name: (strategy, conv_impl, model dtype)
 VARIANTS = {
-    "auto": ("auto", "auto"),
-    "loop": ("loop", "xla"),
-    "loop_im2col": ("loop", "im2col"),
-    "auto_winograd": ("auto", "winograd"),
-    "map_im2col": ("map", "im2col"),
-    "vmap_xla": ("vmap", "xla"),
+    "auto": ("auto", "auto", "float32"),
+    "loop": ("loop", "xla", "float32"),
+    "loop_im2col": ("loop", "im2col", "float32"),
+    "auto_winograd": ("auto", "winograd", "float32"),
+    "auto_bf16": ("auto", "auto", "bfloat16"),
+    "map_im2col": ("map", "im2col", "float32"),
+    "vmap_xla": ("vmap", "xla", "float32"),
 }
+ON_REQUEST = ("auto_winograd", "auto_bf16")
 CHANNELS = 16  # 14 markers + the two masks
 CLASSES = 8
 REFERENCE_N = 2048
@@ -84,11 +91,12 @@ def build(name: str, members: int, batch_size: int, size: int, variants, *, widt
                        shape, members, mesh)
   steps = {}
   for variant in variants:
-    strategy, conv_impl = VARIANTS[variant]
-    model = get_model(name, CLASSES, width=width, stem=stem, conv_impl=conv_impl)
+    strategy, conv_impl, dtype = VARIANTS[variant]
+    model = get_model(name, CLASSES, width=width, stem=stem, conv_impl=conv_impl, dtype=dtype)
     step = make_train_step(MemberStep(model, tx, preprocess), mesh, abstract, strategy,
                            batch=batch).resolved(batch)
-    info = {"strategy": step.strategy, "conv_impl": conv_impl, "map_batch": step.map_batch}
+    info = {"strategy": step.strategy, "conv_impl": conv_impl, "dtype": dtype,
+            "map_batch": step.map_batch}
     t = time.perf_counter()
     lowered = step.lower(abstract, batch, rng)
     info["lower_s"] = time.perf_counter() - t
@@ -140,20 +148,26 @@ def run_case(name, members, batch_size, size, variants, rounds, profile_dir="", 
   cases = {v: runner(step) for v, (step, _, _) in steps.items()}
   reference, ref_flops, _ = matmul_case(REFERENCE_N, "float32")
   cases["reference_matmul"] = reference
+  dtypes = {info["dtype"] for _, info, _ in steps.values()}
+  if "bfloat16" in dtypes:
+    cases["reference_matmul_bf16"], bf16_flops, _ = matmul_case(REFERENCE_N, "bfloat16")
   for run in cases.values():  # warm-up: clear_caches above left the jit caches empty
     run()
   timing = benchlib.interleave(cases, rounds)
   ref_gflops = ref_flops / timing["reference_matmul"]["median_wall_s"] / 1e9
+  refs = {"float32": ref_gflops}
+  if "bfloat16" in dtypes:
+    refs["bfloat16"] = bf16_flops / timing.pop("reference_matmul_bf16")["median_wall_s"] / 1e9
   out = {"model": name, "members": members, "batch": batch_size, "input": [size, size, CHANNELS],
          "model_kwargs": model_kw, "rounds": rounds, "model_flops": model_flops,
-         "reference_f32_gflops": ref_gflops, "reference_times": timing.pop("reference_matmul"),
-         "variants": {}}
+         "reference_f32_gflops": ref_gflops, "reference_gflops": refs,
+         "reference_times": timing.pop("reference_matmul"), "variants": {}}
   for variant, (step, info, compiled) in steps.items():
     t = timing[variant]
     r = dict(info, **t)
     r["member_samples_per_s"] = members * batch_size / t["median_wall_s"]
     r["gflops"] = model_flops / t["median_wall_s"] / 1e9
-    r["mfu"] = r["gflops"] / ref_gflops
+    r["mfu"] = r["gflops"] / refs[info["dtype"]]
     out["variants"][variant] = r
     print(f"  {variant:12s} {t['median_wall_s']:7.2f} s/step  {r['member_samples_per_s']:7.1f} "
           f"member-samples/s  {r['gflops']:6.1f} GFLOP/s  MFU {100 * r['mfu']:4.1f}%", flush=True)
@@ -175,12 +189,13 @@ def main():
   p.add_argument("--models", default="resnet18,resnet50")
   p.add_argument("--members", default="1,3,10")
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "auto_winograd"))
+  p.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in ON_REQUEST))
   args = p.parse_args()
   benchlib.setup_jax()
   variants = args.variants.split(",")
   result = benchlib.header("ensemble", args)
-  result["variants"] = {v: {"strategy": s, "conv_impl": c} for v, (s, c) in VARIANTS.items()}
+  result["variants"] = {v: {"strategy": s, "conv_impl": c, "dtype": d}
+                        for v, (s, c, d) in VARIANTS.items()}
   result["cases"] = []
   if args.quick:
     plan = [("resnet18", 2, 4, 16, {"width": 0.0625, "stem": "small"})]

@@ -4,6 +4,7 @@ Timings are not checked here (they live in benchmarks/results/); only that each
 benchmark runs and records what the README table needs.
 """
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -53,8 +54,14 @@ def test_ensemble_and_inference_quick_and_report(tmp_path):
   assert case["model_flops"] > 0 and 0 < auto["mfu"] and case["vs_loop"]["loop"] == 1.0
   inference = _quick("inference", tmp_path)
   assert inference["variants"]["auto"]["member_images_per_s"] > 0
+  assert inference["variants"]["auto_f32"]["dtype"] == "float32"
+  assert set(inference["reference_gflops"]) == {"float32", "bfloat16"}
+  with_torch = importlib.util.find_spec("torch") is not None  # the bench extra
+  if with_torch:
+    assert inference["torch_bf16"]["dtype"] == "bfloat16" and inference["vs_torch_bf16"]["auto"] > 0
   text = _run("report.py", "--results", str(tmp_path))
   assert "Ensemble train step" in text and "Ensemble inference" in text
+  assert ("autocast bfloat16" in text) == with_torch
 
 
 @pytest.mark.slow  # two child processes, each compiling a predictor and a train step: two minutes
