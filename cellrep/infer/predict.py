@@ -21,8 +21,9 @@ from cellrep.train.state import member_sharding
 
 
 # Members per iteration of ``auto`` prediction on a CPU: one ResNet-50 member at a time
-# (Winograd convolutions) ran 7-16% faster than chunks of 2 and 40% faster than all 10
-# vmapped at once (benchmarks/bench_inference.py), with the activation memory of one.
+# (float32, Winograd convolutions) ran 7-16% faster than chunks of 2 and 40% faster than
+# all 10 vmapped at once (benchmarks/bench_inference.py), with the activation memory of
+# one; in bfloat16 (im2col) the three were within 3% of each other (batch 128 and 256).
 CPU_PREDICT_MAP_BATCH = 1
 
 DTYPES = ("auto", "float32", "bfloat16")
