@@ -132,7 +132,7 @@ def build(name: str, members: int, batch_size: int, size: int, variants, *, widt
 def run_case(name, members, batch_size, size, variants, rounds, profile_dir="", **model_kw):
   import jax
 
-  from bench_peak import matmul_case
+  from bench_peak import reference_cases, reference_gflops
 
   print(f"{name} x{members}, batch {batch_size}, {size}x{size}:", flush=True)
   state, batch, rng, steps, model_flops = build(name, members, batch_size, size, variants,
@@ -146,22 +146,19 @@ def run_case(name, members, batch_size, size, variants, rounds, profile_dir="", 
     return run
 
   cases = {v: runner(step) for v, (step, _, _) in steps.items()}
-  reference, ref_flops, _ = matmul_case(REFERENCE_N, "float32")
-  cases["reference_matmul"] = reference
-  dtypes = {info["dtype"] for _, info, _ in steps.values()}
-  if "bfloat16" in dtypes:
-    cases["reference_matmul_bf16"], bf16_flops, _ = matmul_case(REFERENCE_N, "bfloat16")
+  # The float32 reference, and that of every other dtype the variants compute in.
+  dtypes = sorted({"float32"} | {info["dtype"] for _, info, _ in steps.values()})
+  ref_cases, ref_flops = reference_cases(dtypes, REFERENCE_N)
+  cases.update(ref_cases)
   for run in cases.values():  # warm-up: clear_caches above left the jit caches empty
     run()
   timing = benchlib.interleave(cases, rounds)
-  ref_gflops = ref_flops / timing["reference_matmul"]["median_wall_s"] / 1e9
-  refs = {"float32": ref_gflops}
-  if "bfloat16" in dtypes:
-    refs["bfloat16"] = bf16_flops / timing.pop("reference_matmul_bf16")["median_wall_s"] / 1e9
+  refs, ref_times = reference_gflops(timing, ref_flops)
+  ref_gflops = refs["float32"]
   out = {"model": name, "members": members, "batch": batch_size, "input": [size, size, CHANNELS],
          "model_kwargs": model_kw, "rounds": rounds, "model_flops": model_flops,
          "reference_f32_gflops": ref_gflops, "reference_gflops": refs,
-         "reference_times": timing.pop("reference_matmul"), "variants": {}}
+         "reference_times": ref_times, "variants": {}}
   for variant, (step, info, compiled) in steps.items():
     t = timing[variant]
     r = dict(info, **t)

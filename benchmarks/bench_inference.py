@@ -150,22 +150,19 @@ def main():
   result = benchlib.header("inference", args)
   result.update({"model": name, "model_kwargs": kw, "members": members, "batch": batch,
                  "input": [CHANNELS, size, size], "rounds": rounds})
-  from bench_peak import matmul_case
+  from bench_peak import reference_cases, reference_gflops
 
   jcases, member_flops = jax_cases(members, batch, size, variants, name, **kw)
   tcases = {key: torch_case(batch, size, name, dtype) for key, dtype in TORCH_CASES.items()}
   tcases = {key: c for key, c in tcases.items() if c}
   cases = {v: run for v, (run, _, _) in jcases.items()}
   cases.update({key: run for key, (run, _) in tcases.items()})
-  ref_flops = {}
-  for dtype in REFERENCE_DTYPES:
-    cases[f"reference_{dtype}"], ref_flops[dtype], _ = matmul_case(REFERENCE_N, dtype)
+  ref_cases, ref_flops = reference_cases(REFERENCE_DTYPES, REFERENCE_N)
+  cases.update(ref_cases)
   timing = benchlib.interleave(cases, rounds)
-  ref_times = {dtype: timing.pop(f"reference_{dtype}") for dtype in REFERENCE_DTYPES}
-  refs = {dtype: ref_flops[dtype] / t["median_wall_s"] / 1e9 for dtype, t in ref_times.items()}
-  ref_gflops = refs["float32"]
+  refs, ref_times = reference_gflops(timing, ref_flops)
   result.update({"member_model_flops": member_flops, "model_flops": member_flops * members,
-                 "reference_gflops": refs, "reference_f32_gflops": ref_gflops,
+                 "reference_gflops": refs, "reference_f32_gflops": refs["float32"],
                  "reference_times": ref_times})
   result["variants"] = {}
   for v, (_, info, _) in jcases.items():

@@ -39,6 +39,21 @@ def matmul_case(n: int, dtype: str):
   return (lambda: f(a, b).block_until_ready()), 2.0 * n**3, f
 
 
+def reference_cases(dtypes, n: int = 2048) -> tuple[dict, dict]:
+  """Cases ``reference_<dtype>`` timing one jitted n x n product each, to interleave with a
+  benchmark's own, and {dtype: FLOPs}."""
+  cases, flops = {}, {}
+  for dtype in dtypes:
+    cases[f"reference_{dtype}"], flops[dtype], _ = matmul_case(n, dtype)
+  return cases, flops
+
+
+def reference_gflops(timing: dict, flops: dict) -> tuple[dict, dict]:
+  """Takes the `reference_cases` out of `timing`: ({dtype: GFLOP/s}, {dtype: their timing})."""
+  times = {dtype: timing.pop(f"reference_{dtype}") for dtype in flops}
+  return {dtype: flops[dtype] / t["median_wall_s"] / 1e9 for dtype, t in times.items()}, times
+
+
 def measure(sizes=(1024, 2048, 4096), rounds: int = 5, dtypes=DTYPES) -> dict:
   """{dtype: {"by_size": {n: GFLOP/s median}, "gflops": best median}} of jitted products."""
   cases, flops = {}, {}

@@ -85,10 +85,12 @@ def inference(r: dict, floors: dict | None = None) -> list[str]:
   nan = float("nan")
   floors = floors or {}
   refs = r.get("reference_gflops", {"float32": r.get("reference_f32_gflops", nan)})
-  ref, floor = refs["float32"], floors.get("float32", 0.0)
+
+  def reference(dtype):  # the larger of this run's and bench_peak's
+    return max(refs.get(dtype, nan), floors.get(dtype, 0.0))
 
   def mfu(gflops, dtype):
-    return 100 * _mfu(gflops, refs.get(dtype, nan), floors.get(dtype, 0.0))
+    return 100 * gflops / reference(dtype)
 
   for name, v in r["variants"].items():
     strategy = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" else "")
@@ -108,11 +110,11 @@ def inference(r: dict, floors: dict | None = None) -> list[str]:
                  f"{t['images_per_s']:.1f} | {t['images_per_s']:.1f} | {vs['torch']:.2f}x"
                  f" | {vs['torch_bf16']:.2f}x"
                  f" | {t.get('gflops', nan):.0f} | {mfu(t.get('gflops', nan), dtype):.0f}% |")
-  bf16 = max(refs.get("bfloat16", nan), floors.get("bfloat16", 0.0))
   lines.append(f"\n{r['members']} members of {r['model']}, batch {r['batch']}, crops {r['input']}; "
                "GFLOP/s from the model's FLOPs (XLA cost analysis of one member's forward pass), "
                f"MFU = that / the jitted matmul's GFLOP/s in the variant's dtype (float32 "
-               f"{max(ref, floor):.0f}, bfloat16 operands {bf16:.0f}: the larger of the one measured"
+               f"{reference('float32'):.0f}, bfloat16 operands {reference('bfloat16'):.0f}: the"
+               " larger of the one measured"
                " in the same rounds and bench_peak's); the multiplications Winograd saves still"
                " count, so its MFU is an effective rate.")
   return lines
