@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import ml_collections
 
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue, ConfigError
 
 
 def _parse_value(text: str, like):
@@ -49,3 +51,29 @@ def check_choice(config, key: str, choices) -> None:
   for part in key.split("."):
     value = value[part]
   check(value in choices, key, f"{value!r} is not a known choice", f"one of {list(choices)}")
+
+
+@contextlib.contextmanager
+def config_keys(prefix: str = "", **keys: str):
+  """Re-raises a library's `BadValue` as the `ConfigError` of the config key that set it:
+  ``keys[field]`` when given, else ``prefix.field`` (just ``field`` without a prefix).
+
+    with config_keys("augment"):           # BadValue("blur_ksize") -> config.augment.blur_ksize
+      AugmentConfig(**config.augment)
+  """
+  try:
+    yield
+  except BadValue as e:
+    key = keys.get(e.field) or (f"{prefix}.{e.field}" if prefix else e.field)
+    raise ConfigError(key, e.problem, e.expected) from None
+
+
+def comma_list(text: str, kind: type = str, *, field: str = "value") -> list:
+  """"a, b,c" -> ["a", "b", "c"] (empty items dropped), each converted by `kind`; a value
+  `kind` refuses is a `BadValue` of `field`."""
+  items = [t.strip() for t in (text or "").split(",") if t.strip()]
+  try:
+    return [kind(t) for t in items]
+  except ValueError:
+    raise BadValue(field, f"{text!r} is not a comma-separated list of {kind.__name__} values",
+                   f"comma-separated {kind.__name__} values") from None

@@ -29,5 +29,24 @@ class ConfigError(CellrepError):
     super().__init__(message)
 
 
+class BadValue(CellrepError, ValueError):
+  """A value a library function cannot work with, named in the library's own terms.
+
+  `field` is the argument or field that holds it (``width``, ``val_fovs``,
+  ``blur_ksize``); a task re-raises it as the `ConfigError` of the config key that
+  set it (`cellrep.config_util.config_keys`). A ValueError too, so code that calls
+  the library directly may catch it as one.
+  """
+
+  def __init__(self, field: str, problem: str, expected: str | None = None):
+    self.field = field
+    self.problem = problem
+    self.expected = expected
+    message = f"{field}: {problem}"
+    if expected:
+      message += f" (expected {expected})"
+    super().__init__(message)
+
+
 class NonFiniteLossError(CellrepError):
   """Training produced a NaN or Inf loss; the last good checkpoint is kept."""

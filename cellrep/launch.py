@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cellrep import hostmem
+from cellrep.runtime import enable_compilation_cache
 from cellrep.errors import CellrepError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,15 +63,6 @@ def _parse_flags(argv):
     # Config files raise CellrepError for bad `:arg` values; absl wraps it.
     cause = e.__cause__ or e.__context__
     _fail(str(cause) if isinstance(cause, CellrepError) else str(e))
-
-
-def enable_compilation_cache(directory: str) -> None:
-  if not directory:
-    return
-  import jax
-  jax.config.update("jax_compilation_cache_dir", directory)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def run_task(config, workdir: pathlib.Path):

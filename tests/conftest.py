@@ -17,10 +17,9 @@ jax.config.update("jax_platforms", "cpu")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("CELLREP_COMPILATION_CACHE", str(REPO / ".cache" / "jax")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from cellrep.runtime import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache(os.environ.get("CELLREP_COMPILATION_CACHE", str(REPO / ".cache" / "jax")))
 
 import pytest  # noqa: E402
 

@@ -19,7 +19,7 @@ import json, resource, sys
 from cellrep import hostmem
 applied = hostmem.keep_freed_memory()
 import jax, jax.numpy as jnp
-from cellrep.models.conv import conv2d
+from cellrep.ops.conv import conv2d
 x = jnp.ones((16, 64, 64, 8)); w = jnp.ones((7, 7, 8, 8))
 f = jax.jit(lambda x, w: conv2d(x, w, (1, 1), "SAME", "im2col"))
 compiled = f.lower(x, w).compile()

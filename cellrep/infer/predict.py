@@ -1,12 +1,14 @@
-"""Ensemble prediction: per-member class probabilities, their mean, argmax class and confidence.
+"""Ensemble prediction: per-member outputs of the objective, their mean, argmax class and confidence.
 
 CellSighter's rule: the ensemble's probability is the mean of the members'
 softmax outputs, its class the argmax and its confidence the max of that mean.
+`make_ensemble_fn` runs any per-member function over the member axis as the policy
+says; the predictor and the embedding path (`cellrep.infer.embed`) are two uses.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -15,84 +17,79 @@ import pandas as pd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cellrep.data.pipeline import to_device
-from cellrep.models.conv import fast_bfloat16, resolve_conv_impl
-from cellrep.train.ensemble import resolve_strategy
+from cellrep.ops import policy as policy_lib
+from cellrep.train.objectives import Objective, SoftmaxCrossEntropy
 from cellrep.train.state import member_sharding
 
 
-# Members per iteration of ``auto`` prediction on a CPU: one ResNet-50 member at a time
-# (float32, Winograd convolutions) ran 7-16% faster than chunks of 2 and 40% faster than
-# all 10 vmapped at once (benchmarks/bench_inference.py), with the activation memory of
-# one; in bfloat16 (im2col) the three were within 3% of each other (batch 128 and 256).
-CPU_PREDICT_MAP_BATCH = 1
-
-DTYPES = ("auto", "float32", "bfloat16")
-
-
-def resolve_dtype(dtype: str, model_dtype: Any = "float32", backend: str | None = None) -> str:
-  """The compute dtype of prediction: ``auto`` -> ``bfloat16`` where bfloat16 products are
-  faster (`fast_bfloat16`: GPU/TPU, CPUs with AVX512-BF16 or AMX), else the model's own;
-  other names pass through (checked). Parameters stay float32, products accumulate in
-  float32 and the softmax runs in float32 either way."""
-  if dtype not in DTYPES:
-    raise ValueError(f"unknown prediction dtype {dtype!r}; known: {DTYPES}")
-  if dtype != "auto":
-    return dtype
-  return "bfloat16" if fast_bfloat16(backend) else jnp.dtype(model_dtype).name
+def as_policy(policy: policy_lib.Policy | str, model, map_batch: int | None = None,
+              dtype: str | None = None) -> policy_lib.Policy:
+  """The run's policy, or one resolved here for `model` from a strategy name (with these
+  members per map iteration and prediction dtype)."""
+  if not isinstance(policy, str):
+    return policy
+  dtype_of_model = getattr(model, "dtype", None)
+  return policy_lib.resolve(conv_impl=getattr(model, "conv_impl", "auto"),
+                            dtype="float32" if dtype_of_model is None else dtype_of_model,
+                            predict_dtype=dtype or "auto", predict_strategy=policy,
+                            predict_map_batch=map_batch)
 
 
-def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
-                    strategy: str = "auto", *, map_batch: int = 1, dtype: str = "auto"
-                    ) -> Callable:
-  """(variables with member axis, crops [B, C, S, S]) -> probabilities [M, B, classes] float32.
+def make_ensemble_fn(member_fn: Callable, mesh: Mesh, policy: policy_lib.Policy) -> Callable:
+  """(variables with member axis, crops [B, ...]) -> member_fn's output with a member axis
+  [M, B, ...], the member axis run as `policy.predict_strategy` says.
 
-  strategy: the member axis as in `cellrep.train.ensemble`: ``vmap`` one program over
-  all members, ``map`` one program looping over chunks of `map_batch` members, ``loop``
-  a Python loop over one jitted member; ``auto`` is ``vmap`` on GPU/TPU and ``map``
-  over chunks of `CPU_PREDICT_MAP_BATCH` members on a CPU. With the model's
-  convolutions as matrix products (conv_impl ``auto`` on a CPU) the members of a
-  chunk run batched matrix products.
-
-  dtype: the model's compute dtype here (`resolve_dtype`; ``auto``: bfloat16 where its
-  products are faster). A model with conv_impl ``auto`` predicts with `resolve_conv_impl`'s
-  inference choice for that dtype (on a CPU: Winograd 3x3 convolutions in float32, im2col
-  in bfloat16). The bfloat16 ResNet-50 predictor on an AVX512-BF16 CPU ran 1.5x the
-  float32 one, its logits within ~0.5% (relative RMS) of float32's (README, Performance).
+  ``vmap``: one program over all members; ``map``: one program looping over chunks of
+  `policy.predict_map_batch` members; ``loop``: a Python loop over one jitted member.
+  Outputs are placed [member, data] over the mesh.
   """
-  if hasattr(model, "dtype"):
-    model = model.clone(dtype=jnp.dtype(resolve_dtype(dtype, model.dtype)))
-  if getattr(model, "conv_impl", None) == "auto":
-    model = model.clone(conv_impl=resolve_conv_impl("auto", inference=True,
-                                                    dtype=getattr(model, "dtype", jnp.float32)))
-  if strategy == "auto" and jax.default_backend() == "cpu":
-    strategy, map_batch = "map", CPU_PREDICT_MAP_BATCH
-  strategy = resolve_strategy(strategy)
   batch_sh = NamedSharding(mesh, P("data"))
-
-  def member_probs(variables, crops):
-    logits = model.apply(variables, preprocess(crops), train=False)
-    return jax.nn.softmax(logits, axis=-1)
-
+  strategy, map_batch = policy.predict_strategy, policy.predict_map_batch
   if strategy in ("vmap", "map"):
     if strategy == "vmap":
-      fn = jax.vmap(member_probs, in_axes=(0, None))
+      fn = jax.vmap(member_fn, in_axes=(0, None))
     else:
       def fn(variables, crops):
         # batch_size=1 would add a size-1 axis to every array and copy all members' weights.
-        return jax.lax.map(lambda v: member_probs(v, crops), variables,
+        return jax.lax.map(lambda v: member_fn(v, crops), variables,
                            batch_size=map_batch if map_batch > 1 else None)
     return jax.jit(fn, in_shardings=(member_sharding(mesh), batch_sh),
                    out_shardings=NamedSharding(mesh, P("member", "data")))
 
   # loop: one compiled single-member program, member index dynamic.
-  one = jax.jit(lambda variables, crops, m: member_probs(jax.tree.map(lambda x: x[m], variables),
-                                                         crops))
+  one = jax.jit(lambda variables, crops, m: member_fn(jax.tree.map(lambda x: x[m], variables),
+                                                      crops))
 
   def loop(variables, crops):
     members = jax.tree.leaves(variables)[0].shape[0]
-    return jnp.stack([one(variables, crops, jnp.int32(m)) for m in range(members)])
+    return jax.tree.map(lambda *xs: jnp.stack(xs),
+                        *[one(variables, crops, jnp.int32(m)) for m in range(members)])
 
   return loop
+
+
+def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: Mesh,
+                    policy: policy_lib.Policy | str = "auto", *, map_batch: int | None = None,
+                    dtype: str | None = None, objective: Objective | None = None) -> Callable:
+  """(variables with member axis, crops [B, C, S, S]) -> per-example outputs [M, B, ...]
+  float32: the objective's prediction (default: softmax probabilities [M, B, classes]).
+
+  policy: the run's `cellrep.ops.policy.Policy`, or a strategy name (``auto``, ``vmap``,
+  ``map``, ``loop``) resolved here with `map_batch` and the prediction `dtype` (``auto``:
+  bfloat16 where its products are faster). The model predicts as `Policy.predict_model`
+  makes it: its compute dtype and convolutions (on a CPU: Winograd 3x3 convolutions in
+  float32, im2col in bfloat16). The bfloat16 ResNet-50 predictor on an AVX512-BF16 CPU
+  ran 1.5x the float32 one, its logits within ~0.5% (relative RMS) of float32's
+  (docs/performance.md).
+  """
+  policy = as_policy(policy, model, map_batch, dtype)
+  model = policy.predict_model(model)
+  objective = objective or SoftmaxCrossEntropy()
+
+  def member_outputs(variables, crops):
+    return objective.predict(model.apply(variables, preprocess(crops), train=False))
+
+  return make_ensemble_fn(member_outputs, mesh, policy)
 
 
 def predict(variables, predict_fn: Callable, batches: Iterable[dict], data_sharding

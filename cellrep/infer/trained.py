@@ -1,16 +1,18 @@
 """A trained ensemble as one object, built after training or loaded back from its work directory.
 
-A `classify` run leaves in its work directory what it takes to use the model
+A run that trains leaves in its work directory what it takes to use the model
 again, on the same store or another one:
 
-  config.json   the run's config (model, optimizer, ensemble, data settings)
-  model.json    classes and channels in the model's order, input and read-window
-                sizes, normalisation, and the step count the optimizer was built for
+  model.json    the model (its name and arguments), members, objective, classes and
+                channels in the model's order, input and read-window sizes,
+                normalisation, the store it was trained on
   checkpoints/  the ensemble train state
+  config.json   the run's config (for people; `load` needs it only for runs that
+                predate model.json's model entry)
 
-`load(workdir)` rebuilds the model and optimizer from these, restores the latest
-checkpoint's parameters and batch statistics, and returns a `Trained`.
-`predictor(trained, store)` maps the store's channels onto the model's
+`load(workdir)` builds the model, restores the latest checkpoint's parameters and
+batch statistics alone (no optimizer: an orbax partial restore) and returns a
+`Trained`. `predictor(trained, store)` maps the store's channels onto the model's
 (`cellrep.data.transfer`) and returns the jitted eval function; `predict_store`
 and `predict_crops` run it over cells of a store or over crops in memory.
 """
@@ -23,43 +25,34 @@ import pathlib
 from typing import Any, Callable, Iterator
 
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from cellrep import models
 from cellrep.data import augment, normalize as normalize_lib, transfer
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
 from cellrep.data.pipeline import data_sharding, eval_batches
 from cellrep.data.store import Store
-from cellrep.errors import InputError
+from cellrep.errors import BadValue, InputError
 from cellrep.infer.predict import make_predict_fn, predict
-from cellrep.models import get_model
-from cellrep.train.checkpoint import Checkpointer
+from cellrep.ops import policy as policy_lib
+from cellrep.train import objectives
+from cellrep.train.checkpoint import latest_step, restore_variables
 from cellrep.train.ensemble import make_mesh
-from cellrep.train.optim import adam, learning_rate
-from cellrep.train.state import abstract_state
+from cellrep.train.state import abstract_variables
 
 MODEL_JSON = "model.json"
-
-
-def model_and_optimizer(config, num_classes: int, num_steps: int, steps_per_epoch: int):
-  """(Flax model, optax optimizer, learning-rate schedule) as `config.model` / `config.train` say."""
-  model = get_model(config.model.name, num_classes, width=config.model.width,
-                    stem=config.model.stem, dtype=config.model.dtype,
-                    conv_impl=config.model.get("conv_impl", "auto"))
-  schedule = learning_rate(config.train.lr, config.train.schedule, num_steps,
-                           decay_rate=config.train.decay_rate,
-                           decay_steps=config.train.decay_epochs * steps_per_epoch,
-                           warmup_steps=config.train.warmup_steps)
-  return model, adam(schedule, config.train.weight_decay, config.train.grad_clip), schedule
 
 
 @dataclasses.dataclass
 class Trained:
   """An ensemble ready to predict.
 
-  variables: Flax variables with the member axis [M, ...] on every leaf.
-  channels: the model's marker channels in input order; classes: its outputs.
+  model: the Flax module as its spec builds it; variables: Flax variables with the member
+  axis [M, ...] on every leaf. channels: the model's marker channels in input order;
+  classes: its outputs. policy: how it predicts (`cellrep.ops.policy.Policy`: its
+  predict_* choices); objective: what a prediction is (softmax probabilities for a
+  classifier).
   """
   model: Any
   variables: Any
@@ -69,12 +62,18 @@ class Trained:
   crop_size: int
   normalize: str
   mesh: Mesh
-  strategy: str = "auto"
-  dtype: str = "auto"  # compute dtype of prediction (cellrep.infer.predict.resolve_dtype)
+  policy: policy_lib.Policy = dataclasses.field(default_factory=policy_lib.resolve)
+  objective: Any = dataclasses.field(default_factory=objectives.SoftmaxCrossEntropy)
+  spec: dict = dataclasses.field(default_factory=dict)  # model.json's "model"
 
   @property
   def members(self) -> int:
     return int(jax.tree.leaves(self.variables)[0].shape[0])
+
+  @property
+  def input_shape(self) -> tuple[int, int, int, int]:
+    """[1, n, n, K + 2] of one network input."""
+    return (1, self.input_size, self.input_size, len(self.channels) + NUM_MASK_CHANNELS)
 
   def member(self, m: int) -> "Trained":
     """The ensemble of member m alone."""
@@ -112,8 +111,8 @@ def store_preprocess(trained: Trained, store: Store, *, min_overlap: float = 0.8
 def predictor(trained: Trained, store: Store, **kwargs) -> tuple[Callable, transfer.ChannelMap]:
   """(predict_fn(variables, crops) -> [M, B, classes], channel map) for crops of `store`."""
   preprocess, cmap = store_preprocess(trained, store, **kwargs)
-  return make_predict_fn(trained.model, preprocess, trained.mesh, trained.strategy,
-                         dtype=trained.dtype), cmap
+  return make_predict_fn(trained.model, preprocess, trained.mesh, trained.policy,
+                         objective=trained.objective), cmap
 
 
 def array_batches(crops: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -162,55 +161,91 @@ def predict_store(trained: Trained, store: Store, indices: np.ndarray | None = N
   return index, probs, cmap
 
 
-def write_model_json(workdir, *, classes, channels, input_size: int, crop_size: int,
-                     normalize: str, num_steps: int, steps_per_epoch: int) -> None:
+def write_model_json(workdir, *, spec: dict, members: int, objective, classes, channels,
+                     input_size: int, crop_size: int, normalize: str, store, num_steps: int,
+                     steps_per_epoch: int) -> None:
+  """model.json: everything `load` needs besides the checkpoint (written under a temporary
+  name, then renamed)."""
   path = pathlib.Path(workdir) / MODEL_JSON
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps({
+      "model": dict(spec), "members": int(members), "objective": objectives.to_dict(objective),
       "classes": list(classes), "channels": list(channels), "input_size": int(input_size),
-      "crop_size": int(crop_size), "normalize": normalize, "num_steps": int(num_steps),
-      "steps_per_epoch": int(steps_per_epoch)}, indent=1))
+      "crop_size": int(crop_size), "normalize": normalize, "store": str(store),
+      "num_steps": int(num_steps), "steps_per_epoch": int(steps_per_epoch)}, indent=1))
   tmp.replace(path)
 
 
-def _read_json(path: pathlib.Path, what: str) -> dict:
+def read_json(path, what: str) -> dict:
+  """The JSON object in `path`; InputError naming the file when it is missing or not JSON."""
+  path = pathlib.Path(path)
   if not path.is_file():
-    raise InputError(path, "missing", f"{what}, written by a classify run")
+    raise InputError(path, "missing", what)
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: str = "auto"
-         ) -> Trained:
-  """The ensemble of the latest checkpoint in `workdir` (a finished or interrupted classify run)."""
+def _spec_and_members(workdir: pathlib.Path, meta: dict) -> tuple[dict, int]:
+  """The model spec and member count of model.json; a run written before model.json held
+  them has them in its config.json."""
+  if "model" in meta:
+    return dict(meta["model"]), int(meta["members"])
+  config = read_json(workdir / "config.json", "the run's config, written by a classify run")
+  m = config["model"]
+  spec = {"name": m["name"], "num_classes": len(meta["classes"]), "width": m["width"],
+          "stem": m["stem"], "dtype": m["dtype"], "conv_impl": m.get("conv_impl", "auto")}
+  return spec, int(config["ensemble"]["members"])
+
+
+def trained_store(workdir) -> str:
+  """The store the run at `workdir` trained on, as its model.json records it (or, for runs
+  that predate that record, as its config.json implies)."""
   workdir = pathlib.Path(workdir)
-  config = ml_collections.ConfigDict(_read_json(workdir / "config.json", "the run's config"))
-  meta = _read_json(workdir / MODEL_JSON, "the model's classes and channels")
+  meta = read_json(workdir / MODEL_JSON, "the model's description, written by a classify run")
+  if meta.get("store"):
+    return meta["store"]
+  data = read_json(workdir / "config.json", "the run's config, written by a classify run")["data"]
+  if data.get("gating", {}).get("rules"):
+    return str(workdir / "store_gated")
+  return str(workdir / "store") if data.get("source") != "store" else data["store"]
+
+
+def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: str = "auto",
+         policy: policy_lib.Policy | None = None) -> Trained:
+  """The ensemble of the latest checkpoint in `workdir` (a finished or interrupted run).
+
+  strategy, dtype: the member axis and compute dtype of prediction (``auto``: as
+  `cellrep.ops.policy.resolve` chooses), unless a `policy` is given.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / MODEL_JSON
+  meta = read_json(path, "the model's description, written by a classify run")
   try:
+    spec, members = _spec_and_members(workdir, meta)
     classes, channels = tuple(meta["classes"]), tuple(meta["channels"])
     input_size, crop_size = int(meta["input_size"]), int(meta["crop_size"])
-    model, tx, _ = model_and_optimizer(config, len(classes), int(meta["num_steps"]),
-                                       int(meta["steps_per_epoch"]))
-    members = int(config.ensemble.members)
+    objective = objectives.from_dict(meta.get("objective", {"name": "softmax_cross_entropy"}))
+    model = models.build(spec)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
-    raise InputError(workdir / MODEL_JSON, f"incomplete run description ({e!r})",
-                     "model.json and config.json as a classify run writes them") from None
+    # BadValue is a ValueError: a model argument the model refuses.
+    problem = str(e) if isinstance(e, BadValue) else f"incomplete run description ({e!r})"
+    raise InputError(path, problem, "model.json as a classify run writes it") from None
   if not (workdir / "checkpoints").is_dir():
     raise InputError(workdir / "checkpoints", "missing", "a trained classify work directory")
-  checkpointer = Checkpointer(workdir / "checkpoints")
-  try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise InputError(workdir / "checkpoints", "no checkpoint", "a trained classify work directory")
-    mesh = mesh or make_mesh(1, -1)
-    abstract = abstract_state(model, tx, (1, input_size, input_size,
-                                          len(channels) + NUM_MASK_CHANNELS), members, mesh)
-    state = checkpointer.restore(step, abstract)
-  finally:
-    checkpointer.close()
-  return Trained(model=model, variables=state.variables, classes=classes, channels=channels,
+  step = latest_step(workdir / "checkpoints")
+  if step is None:
+    raise InputError(workdir / "checkpoints", "no checkpoint", "a trained classify work directory")
+  mesh = mesh or make_mesh(1, -1)
+  input_shape = (1, input_size, input_size, len(channels) + NUM_MASK_CHANNELS)
+  variables = restore_variables(workdir / "checkpoints", step,
+                                abstract_variables(model, input_shape, members, mesh))
+  if policy is None:
+    policy = policy_lib.resolve(conv_impl=spec.get("conv_impl", "auto"),
+                                dtype=spec.get("dtype", "float32"), predict_dtype=dtype,
+                                predict_strategy=strategy)
+  return Trained(model=model, variables=variables, classes=classes, channels=channels,
                  input_size=input_size, crop_size=crop_size,
-                 normalize=meta.get("normalize", "none"), mesh=mesh, strategy=strategy,
-                 dtype=dtype)
+                 normalize=meta.get("normalize", "none"), mesh=mesh, policy=policy,
+                 objective=objective, spec=spec)

@@ -1,28 +1,71 @@
-"""Models: Flax modules used through pure `init`/`apply`, built by name."""
+"""Models: Flax modules used through pure `init`/`apply`, built by name from keyword arguments.
+
+`build(config.model, num_classes=...)` takes a ``name`` plus that model's own
+arguments (as big_vision builds ``models.<name>.Model(**config.model)``): each
+``cellrep/models/<file>.py`` exposes ``MODELS``, names -> a function of keyword
+arguments returning the Flax module, which checks its arguments itself (`BadValue`
+naming the argument; a task maps it to ``model.<argument>``). `register` adds one more.
+
+Every model is called as ``model.apply(variables, x [B, H, W, C], train=...,
+capture=(names...), rngs=...)``: ``capture`` returns ``(output, {name: feature})``
+(`cellrep.models.layers.Taps`); ``train`` switches BatchNorm statistics, dropout and the
+like; ``rngs`` carries the streams of `RNG_STREAMS` a model may draw from in training.
+Models that have ``conv_impl`` and ``dtype`` fields get them from the run's policy
+(`cellrep.ops.policy.Policy.train_model` / ``predict_model``).
+"""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import importlib
+import inspect
+from typing import Any, Callable
 
-from cellrep.models import resnet
-from cellrep.models.conv import IMPLS as CONV_IMPLS
+from cellrep.errors import BadValue
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_BUILDERS = {name: resnet.resnet for name in resnet.STAGES}
+# Files of cellrep.models that hold built-in models (their MODELS).
+_FILES = ("resnet",)
+# The RNG streams the train step gives every model (each member and step its own keys).
+RNG_STREAMS = ("dropout", "drop_path", "mask")
 
-NAMES = tuple(sorted(_BUILDERS))
-DTYPES = tuple(_DTYPES)
+_registry: dict[str, Callable[..., Any]] = {}
 
 
-def get_model(name: str, num_classes: int, *, width: float = 1.0, stem: str = "imagenet",
-              dtype: str = "float32", conv_impl: str = "auto"):
-  """The Flax module called `name` (one of NAMES) with `num_classes` outputs.
+def _load() -> dict[str, Callable[..., Any]]:
+  if not _registry:
+    for file in _FILES:
+      _registry.update(importlib.import_module(f"cellrep.models.{file}").MODELS)
+  return _registry
 
-  conv_impl: one of CONV_IMPLS (`cellrep.models.conv`); parameters do not depend on it.
+
+def register(name: str, factory: Callable[..., Any]) -> None:
+  """Makes `build({"name": name, ...})` call ``factory(**kwargs)`` (or ``factory(name=name,
+  **kwargs)`` when it takes a ``name``)."""
+  _load()[name] = factory
+
+
+def names() -> tuple[str, ...]:
+  return tuple(sorted(_load()))
+
+
+def build(spec, **overrides):
+  """The Flax module of ``spec["name"]`` with the rest of `spec` and `overrides` as arguments.
+
+  spec: a dict or ConfigDict (config.model) with ``name``; overrides: arguments the data
+  decides (``num_classes``) or the policy (``conv_impl``), taking precedence.
   """
-  if name not in _BUILDERS:
-    raise ValueError(f"unknown model {name!r}; known: {list(NAMES)}")
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"unknown conv_impl {conv_impl!r}; known: {list(CONV_IMPLS)}")
-  return _BUILDERS[name](name, num_classes, width=width, stem=stem, dtype=_DTYPES[dtype],
-                         conv_impl=conv_impl)
+  kwargs = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+  kwargs.update(overrides)
+  name = kwargs.pop("name", None)
+  registry = _load()
+  if name not in registry:
+    raise BadValue("name", f"unknown model {name!r}", f"one of {sorted(registry)}")
+  factory = registry[name]
+  params = inspect.signature(factory).parameters
+  if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    known = [p for p in params if p != "name"]
+    for key in kwargs:
+      if key not in known:
+        raise BadValue(key, f"not an argument of model {name!r}", f"one of {known}")
+  if "name" in params:
+    kwargs["name"] = name
+  return factory(**kwargs)

@@ -12,10 +12,15 @@ Options beyond the standard network:
   the last stage with a 1x1 map.
 - ``dtype``: computation dtype (bfloat16 on accelerators); parameters and
   batch statistics stay float32.
-- ``conv_impl``: how convolutions reach XLA (`cellrep.models.conv`): ``auto``
-  (matrix products on a CPU, convolutions elsewhere), ``xla``, ``im2col`` or
-  ``winograd``. Parameters are the same under each. The stem's max-pool follows it
-  (`cellrep.models.pool`: reduce_window for ``xla``, strided views otherwise).
+- ``conv_impl``: how convolutions reach XLA (`cellrep.ops.conv`), as the run's policy
+  sets it (`cellrep.ops.policy`): ``auto`` (the backend's choice), ``xla``, ``im2col``
+  or ``winograd``. Parameters are the same under each. The stem's max-pool follows it
+  (`cellrep.ops.pool`: reduce_window for ``xla``, strided views otherwise).
+
+Named features (``capture=``): ``stem`` (after the stem, and its max-pool), ``layer<i>_<j>``
+(block j of stage i, from 1 and 0), ``layer<i>`` (stage i's output), ``pool`` (the
+spatial mean of the last stage, float32: CellSighter's penultimate features) and
+``logits``.
 
 Layout is NHWC: images [batch, height, width, channels].
 """
@@ -28,8 +33,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cellrep.models.conv import Conv
-from cellrep.models.pool import max_pool
+from cellrep.errors import BadValue
+from cellrep.models.layers import Conv, Taps
+from cellrep.ops.policy import CONV_IMPLS, DTYPES, dtype_name
+from cellrep.ops.pool import max_pool
 
 ModuleDef = Any
 
@@ -38,6 +45,7 @@ STAGES = {
     "resnet34": ((3, 4, 6, 3), "basic"),
     "resnet50": ((3, 4, 6, 3), "bottleneck"),
 }
+STEMS = ("imagenet", "small")
 
 
 class BasicBlock(nn.Module):
@@ -83,7 +91,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """ResNet classifier. `__call__(x [B, H, W, C], train) -> logits [B, num_classes]`."""
+  """ResNet classifier. `__call__(x [B, H, W, C], train, capture) -> logits [B, num_classes]`
+  (with `capture`: (logits, {name: feature}))."""
   stage_sizes: Sequence[int]
   block: str
   num_classes: int
@@ -93,7 +102,8 @@ class ResNet(nn.Module):
   conv_impl: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool = False, return_features: bool = False):
+  def __call__(self, x, train: bool = False, capture: Sequence[str] = ()):
+    taps = Taps(capture)
     conv = functools.partial(Conv, use_bias=False, dtype=self.dtype, impl=self.conv_impl,
                              kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
@@ -109,24 +119,35 @@ class ResNet(nn.Module):
       x = conv(base, (3, 3), name="conv1")(x)
       x = nn.relu(norm(name="bn1")(x))
     else:
-      raise ValueError(f"unknown stem {self.stem!r}")
+      raise BadValue("stem", f"unknown stem {self.stem!r}", f"one of {list(STEMS)}")
+    taps("stem", x)
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(base * 2**i, conv=conv, norm=norm, strides=strides,
-                      name=f"layer{i + 1}_{j}")(x)
-    features = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features)
-    logits = logits.astype(jnp.float32)
-    if return_features:
-      return logits, features.astype(jnp.float32)
-    return logits
+        x = taps(f"layer{i + 1}_{j}", block_cls(base * 2**i, conv=conv, norm=norm,
+                                                strides=strides, name=f"layer{i + 1}_{j}")(x))
+      taps(f"layer{i + 1}", x)
+    features = taps("pool", jnp.mean(x, axis=(1, 2)).astype(jnp.float32))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(features.astype(self.dtype))
+    return taps.result(taps("logits", logits.astype(jnp.float32)))
 
 
-def resnet(name: str, num_classes: int, width: float = 1.0, stem: str = "imagenet",
-           dtype=jnp.float32, conv_impl: str = "auto") -> ResNet:
+def create(name: str = "resnet50", *, num_classes: int, width: float = 1.0,
+           stem: str = "imagenet", dtype: str = "float32", conv_impl: str = "auto") -> ResNet:
+  """The ResNet called `name` (one of `STAGES`), its arguments checked (`BadValue` names one)."""
   if name not in STAGES:
-    raise ValueError(f"unknown ResNet {name!r}; known: {sorted(STAGES)}")
+    raise BadValue("name", f"unknown ResNet {name!r}", f"one of {sorted(STAGES)}")
+  if not (isinstance(num_classes, int) and num_classes >= 1):
+    raise BadValue("num_classes", f"{num_classes!r}", "a positive number of classes")
+  if not width > 0:
+    raise BadValue("width", f"{width}", "a positive multiplier")
+  for field, value, choices in (("stem", stem, STEMS), ("dtype", dtype_name(dtype), DTYPES),
+                                ("conv_impl", conv_impl, CONV_IMPLS)):
+    if value not in choices:
+      raise BadValue(field, f"{value!r} is not a known choice", f"one of {list(choices)}")
   stages, block = STAGES[name]
   return ResNet(stage_sizes=stages, block=block, num_classes=num_classes, width=width,
-                stem=stem, dtype=dtype, conv_impl=conv_impl)
+                stem=stem, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+
+
+MODELS = {name: create for name in STAGES}

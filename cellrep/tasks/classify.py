@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 from absl import logging
+from clu import parameter_overview
 from ml_collections import config_dict
 
 from cellrep import config_util
@@ -47,13 +48,15 @@ from cellrep.errors import ConfigError
 from cellrep.eval import classification
 from cellrep.eval.report import Report, write_table
 from cellrep.infer import trained as trained_lib
-from cellrep.infer.predict import DTYPES as PREDICT_DTYPES, cellsighter_csv, predictions_table
-from cellrep.models import CONV_IMPLS, DTYPES, NAMES
+from cellrep.infer.predict import cellsighter_csv, predictions_table
+from cellrep import models
+from cellrep.ops import policy as policy_lib
 from cellrep.train.checkpoint import Checkpointer
-from cellrep.train.ensemble import STRATEGIES, MemberStep, make_mesh, make_train_step
+from cellrep.train.ensemble import MemberStep, make_mesh, make_train_step
 from cellrep.train.loop import fit
 from cellrep.train.metrics import MetricWriter
-from cellrep.train.optim import SCHEDULES
+from cellrep.train.objectives import SoftmaxCrossEntropy
+from cellrep.train.optim import SCHEDULES, adam, learning_rate
 from cellrep.train.state import abstract_state, create_state
 
 SOURCES = ("synthetic", "store", "cellsighter")
@@ -92,7 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
                                              # order: each FOV decoded ~once per epoch; README Performance)
   )
   # conv_impl: "auto" = convolutions as matrix products on a CPU, XLA convolutions elsewhere
-  # (cellrep.models.conv; parameters are the same under each).
+  # (cellrep.ops.conv; parameters are the same under each).
   c.model = dict(name="resnet50", width=1.0, stem="imagenet", dtype="float32", conv_impl="auto")
   c.ensemble = dict(members=10, strategy="auto", mesh_member=1, mesh_data=-1)
   c.train = dict(
@@ -128,12 +131,8 @@ def validate(config) -> None:
   config_util.check_choice(c, "data.source", SOURCES)
   config_util.check_choice(c, "data.balance", BALANCE)
   config_util.check_choice(c, "data.normalize", normalize_lib.METHODS)
-  config_util.check_choice(c, "model.name", NAMES)
-  config_util.check_choice(c, "model.stem", ("imagenet", "small"))
-  config_util.check_choice(c, "model.dtype", DTYPES)
-  config_util.check_choice(c, "model.conv_impl", CONV_IMPLS)
-  config_util.check_choice(c, "predict.dtype", PREDICT_DTYPES)
-  config_util.check_choice(c, "ensemble.strategy", STRATEGIES)
+  config_util.check_choice(c, "predict.dtype", policy_lib.PREDICT_DTYPES)
+  config_util.check_choice(c, "ensemble.strategy", policy_lib.STRATEGIES)
   config_util.check_choice(c, "train.schedule", SCHEDULES)
   if c.data.source == "store":
     check(bool(c.data.store), "data.store", "no store path given", "a store directory (configs/ingest.py writes one)")
@@ -148,7 +147,8 @@ def validate(config) -> None:
   check(0 < c.data.val_fraction < 1, "data.val_fraction", f"{c.data.val_fraction}", "a fraction in (0, 1)")
   check(c.data.fov_window >= 0, "data.fov_window", f"{c.data.fov_window}",
         "0 (all cells shuffled together) or a number of FOVs shuffled together")
-  check(c.model.width > 0, "model.width", f"{c.model.width}", "a positive multiplier")
+  with config_util.config_keys("model"):  # the model checks its own arguments
+    models.build(c.model, num_classes=1)
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
   check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
   check(c.train.steps > 0 or c.train.epochs > 0, "train.steps", "neither steps nor epochs is set",
@@ -291,10 +291,6 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   store, batch_size, num_steps = plan.store, config.train.batch_size, plan.num_steps
   input_size, channels = config.data.input_size, store.meta.channels
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-  trained_lib.write_model_json(workdir, classes=plan.classes, channels=channels,
-                               input_size=input_size, crop_size=config.data.crop_size,
-                               normalize=config.data.normalize, num_steps=num_steps,
-                               steps_per_epoch=plan.steps_per_epoch)
 
   source = CropSource(store, config.data.crop_size)
   weights = (None if config.data.balance == "none" else
@@ -312,8 +308,21 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   if members % mesh.shape["member"] or batch_size % mesh.shape["data"]:
     raise ConfigError("ensemble.mesh_member", f"mesh {dict(mesh.shape)} does not divide "
                       f"{members} members / batch {batch_size}", "divisors of members and batch size")
-  model, tx, schedule = trained_lib.model_and_optimizer(config, len(plan.classes), num_steps,
-                                                        plan.steps_per_epoch)
+  policy = run_policy(config)
+  logging.info("%s", policy.describe())
+  spec = model_spec(config, len(plan.classes))
+  model = models.build(spec)
+  objective = SoftmaxCrossEntropy(config.train.label_smoothing)
+  trained_lib.write_model_json(workdir, spec=spec, members=members, objective=objective,
+                               classes=plan.classes, channels=channels, input_size=input_size,
+                               crop_size=config.data.crop_size, normalize=config.data.normalize,
+                               store=store.path, num_steps=num_steps,
+                               steps_per_epoch=plan.steps_per_epoch)
+  schedule = learning_rate(config.train.lr, config.train.schedule, num_steps,
+                           decay_rate=config.train.decay_rate,
+                           decay_steps=config.train.decay_epochs * plan.steps_per_epoch,
+                           warmup_steps=config.train.warmup_steps)
+  tx = adam(schedule, config.train.weight_decay, config.train.grad_clip)
   input_shape = (1, input_size, input_size, len(channels) + NUM_MASK_CHANNELS)
   abstract = abstract_state(model, tx, input_shape, members, mesh)
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
@@ -324,6 +333,9 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
     state = checkpointer.restore(latest, abstract, batches)
   else:
     state = create_state(jax.random.fold_in(rng, 0), model, tx, input_shape, members, mesh)
+  logging.info("%s member parameters:\n%s", spec["name"],
+               parameter_overview.get_parameter_overview(
+                   jax.tree.map(lambda x: x[0], state.params), include_stats=False))
 
   aug_cfg = augment_lib.AugmentConfig(**config.augment.to_dict())
   augment = functools.partial(augment_lib.augment, input_size=input_size, cfg=aug_cfg)
@@ -332,8 +344,8 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   else:  # after the Poisson resampling, which needs raw counts
     def preprocess(key, crops):
       return normalize_lib.normalize(augment(key, crops), config.data.normalize, plan.scales)
-  step = make_train_step(MemberStep(model, tx, preprocess, config.train.label_smoothing),
-                         mesh, abstract, config.ensemble.strategy)
+  step = make_train_step(MemberStep(policy.train_model(model), tx, preprocess, objective),
+                         mesh, abstract, policy)
   state = fit(state, step, batches, rng=jax.random.fold_in(rng, 1), num_steps=num_steps,
               data_sharding=data_sharding(mesh), writer=writer, checkpointer=checkpointer,
               checkpoint_every=config.train.checkpoint_every, log_every=config.train.log_every,
@@ -342,8 +354,24 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   return trained_lib.Trained(model=model, variables=state.variables, classes=plan.classes,
                              channels=channels, input_size=input_size,
                              crop_size=config.data.crop_size, normalize=config.data.normalize,
-                             mesh=mesh, strategy=config.ensemble.strategy,
-                             dtype=config.predict.dtype)
+                             mesh=mesh, policy=policy, objective=objective, spec=spec)
+
+
+def model_spec(config, num_classes: int) -> dict:
+  """The model's name and arguments (config.model, the classes from the data)."""
+  return dict(config.model.to_dict(), num_classes=num_classes)
+
+
+def run_policy(config) -> policy_lib.Policy:
+  """The run's backend policy, from config.model, config.ensemble, config.train, config.predict."""
+  with config_util.config_keys("", predict_dtype="predict.dtype", strategy="ensemble.strategy",
+                               predict_strategy="ensemble.strategy",
+                               conv_impl="model.conv_impl", dtype="model.dtype"):
+    return policy_lib.resolve(conv_impl=config.model.conv_impl, dtype=config.model.dtype,
+                              predict_dtype=config.predict.dtype,
+                              strategy=config.ensemble.strategy,
+                              predict_strategy=config.ensemble.strategy,
+                              batch=config.train.batch_size)
 
 
 # ---------------------------------------------------------------- prediction and report

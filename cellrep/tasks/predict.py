@@ -31,7 +31,8 @@ from cellrep.data.transfer import parse_renames
 from cellrep.eval import classification
 from cellrep.eval.report import Report, write_table
 from cellrep.infer import trained as trained_lib
-from cellrep.infer.predict import DTYPES as PREDICT_DTYPES, cellsighter_csv, predictions_table
+from cellrep.infer.predict import cellsighter_csv, predictions_table
+from cellrep.ops.policy import PREDICT_DTYPES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -94,6 +95,7 @@ def run(config, workdir) -> dict:
   config_util.check_choice(config, "predict.dtype", PREDICT_DTYPES)
   workdir = pathlib.Path(workdir)
   trained = trained_lib.load(config.model_dir, dtype=config.predict.dtype)
+  logging.info("%s", trained.policy.describe())
   store = open_store(config.data.store)
   fovs = [f.strip() for f in config.data.fovs.split(",") if f.strip()]
   unknown = sorted(set(fovs) - set(store.meta.fovs))

@@ -3,6 +3,10 @@
 One `Composite` per step (`state` + `data`), so a resumed run continues with
 exactly the batches it would have seen. Saving happens only after the loss has
 been checked finite, so the latest checkpoint is always a good one.
+
+`restore_variables` reads back the model's parameters and statistics alone (an orbax
+partial restore of the state): what prediction and embedding need, without building
+the optimizer or its schedule.
 """
 
 from __future__ import annotations
@@ -46,3 +50,29 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def latest_step(directory) -> int | None:
+  """The newest step checkpointed in `directory` (None when there is none)."""
+  checkpointer = Checkpointer(directory)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
+def restore_variables(directory, step: int, abstract_variables: dict) -> dict:
+  """The ``params`` and ``batch_stats`` of the train state saved at `step`, placed by
+  `abstract_variables`' shardings ({"params", "batch_stats"}, ShapeDtypeStructs); the
+  optimizer state and the data iterator's position are not read."""
+  manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  # An empty collection (a model without BatchNorm) has nothing to restore.
+  item = {k: v for k, v in abstract_variables.items() if v}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  return {k: restored.get(k, v) for k, v in abstract_variables.items()}

@@ -3,7 +3,7 @@
 Strategies for the member axis (all give the same result; tests check it):
 
 - ``vmap``: `jax.vmap` over members inside one jitted program. With the model's
-  convolutions as matrix products (`cellrep.models.conv`, ``conv_impl="im2col"``,
+  convolutions as matrix products (`cellrep.ops.conv`, ``conv_impl="im2col"``,
   the CPU default) XLA sees batched matrix products over the member axis; with
   ``conv_impl="xla"`` it sees grouped convolutions, the fast path on GPU/TPU and
   a slow one on XLA:CPU. A single member runs its own program, without the vmap.
@@ -14,14 +14,18 @@ Strategies for the member axis (all give the same result; tests check it):
 - ``loop``: a Python loop over one jitted single-member update that reads member
   m out of the stacked state and writes it back in place (the state is
   donated), so the state keeps its [M, ...] layout and one program serves all m.
-- ``auto``: ``vmap`` on GPU/TPU. On a CPU, ``vmap`` when the saved activations of
-  all members fit in `memory_budget` (30% of the machine's memory), else ``map``
-  over the largest chunk of members that fits (`plan_members`): one program
-  either way (ResNet-50 at 60 px, batch 128, keeps 2.2 GiB of activations per
-  member for its backward pass).
+- ``auto``: as the run's policy resolves it (`cellrep.ops.policy`): ``vmap`` on
+  GPU/TPU. On a CPU, ``vmap`` when the saved activations of all members fit in the
+  policy's `memory_budget` (30% of the machine's memory), else ``map`` over the
+  largest chunk of members that fits (`plan_members`): one program either way
+  (ResNet-50 at 60 px, batch 128, keeps 2.2 GiB of activations per member for its
+  backward pass).
 
+The step is parameterised by the model and an objective (`cellrep.train.objectives`:
+what the loss, the metrics and the prediction are), so every job trains through it.
 Member m's augmentation key at step s is fold_in(fold_in(rng, m), s), the same
-under every strategy.
+under every strategy; the model's RNG streams (dropout, stochastic depth, masking:
+`cellrep.models.RNG_STREAMS`) come from another key, derived alike.
 
 The state is sharded over the mesh's ``member`` axis and the batch over its
 ``data`` axis; metrics come back as [M] arrays per name.
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -40,19 +43,13 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from cellrep.train.losses import cross_entropy
+from cellrep.models import RNG_STREAMS
+from cellrep.ops import policy as policy_lib
+from cellrep.train.objectives import Objective, SoftmaxCrossEntropy
 from cellrep.train.state import TrainState, member_sharding
 
-STRATEGIES = ("auto", "vmap", "map", "loop")
-# Share of the host's memory the saved activations of one ``auto`` step may take on a CPU.
-CPU_MEMORY_FRACTION = 0.3
-
-
-def resolve_strategy(strategy: str, backend: str | None = None) -> str:
-  """The strategy's family: ``auto`` is ``vmap`` everywhere (chunked by memory on a CPU)."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown strategy {strategy!r}; known: {STRATEGIES}")
-  return "vmap" if strategy == "auto" else strategy
+# Folded into the step's key for the model's own RNG streams (apart from augmentation's).
+_MODEL_STREAM = 0x6D6F64
 
 
 def make_mesh(member: int = 1, data: int = -1, devices=None) -> Mesh:
@@ -73,31 +70,34 @@ def member_key(rng: jax.Array, member, step) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class MemberStep:
-  """One member's update. `preprocess(key, crops) -> images [B, H, W, C]` augments."""
+  """One member's update. `preprocess(key, crops) -> images [B, H, W, C]` augments;
+  `objective` scores the model's outputs (default: softmax cross-entropy on ``label``)."""
   model: Any
   tx: optax.GradientTransformation
   preprocess: Callable[[jax.Array, jax.Array], jax.Array]
-  label_smoothing: float = 0.0
+  objective: Objective = SoftmaxCrossEntropy()
 
-  def loss(self, params, batch_stats, images, labels):
-    """(mean loss, (logits [B, classes], new batch_stats)) of one member on images [B, H, W, C]."""
-    logits, updates = self.model.apply({"params": params, "batch_stats": batch_stats},
-                                       images, train=True, mutable=["batch_stats"])
-    return cross_entropy(logits, labels, self.label_smoothing), (logits, updates["batch_stats"])
+  def rngs(self, rng: jax.Array, member, step) -> dict[str, jax.Array]:
+    """The model's RNG streams for this member and step."""
+    key = member_key(jax.random.fold_in(rng, _MODEL_STREAM), member, step)
+    return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
+
+  def loss(self, params, batch_stats, images, batch, rngs):
+    """(loss, (metrics, new batch_stats)) of one member on images [B, H, W, C]."""
+    outputs, updates = self.model.apply({"params": params, "batch_stats": batch_stats},
+                                        images, train=True, mutable=["batch_stats"], rngs=rngs)
+    loss, metrics = self.objective.loss(outputs, dict(batch, images=images))
+    return loss, (metrics, updates.get("batch_stats", batch_stats))
 
   def __call__(self, state: TrainState, batch: dict, rng: jax.Array, member):
-    """state: one member (no member axis); batch: crop [B, C, S, S], label [B] int32."""
+    """state: one member (no member axis); batch: crop [B, C, S, S] and the objective's
+    targets (label [B] int32, ...)."""
     images = self.preprocess(member_key(rng, member, state.step), batch["crop"])
-    labels = batch["label"]
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-        state.params, state.batch_stats, images, labels)
+    (_, (metrics, batch_stats)), grads = jax.value_and_grad(self.loss, has_aux=True)(
+        state.params, state.batch_stats, images, batch, self.rngs(rng, member, state.step))
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-        "grad_norm": optax.tree.norm(grads),
-    }
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
     return new_state, metrics
@@ -105,22 +105,20 @@ class MemberStep:
   def saved_bytes(self, abstract_state, batch) -> int:
     """Bytes of the activations one member keeps for its backward pass (shapes only, no compile).
 
-    abstract_state: the stacked state (ShapeDtypeStructs, [M, ...]); batch: crop and label
+    abstract_state: the stacked state (ShapeDtypeStructs, [M, ...]); batch: the batch's
     arrays or ShapeDtypeStructs.
     """
     one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), abstract_state)
 
-    def pullback(state, crops, labels):
-      images = self.preprocess(jax.random.key(0), crops)
-      return jax.vjp(lambda p: self.loss(p, state.batch_stats, images, labels)[0], state.params)[1]
+    def pullback(state, batch):
+      images = self.preprocess(jax.random.key(0), batch["crop"])
+      rngs = self.rngs(jax.random.key(0), 0, 0)
+      return jax.vjp(lambda p: self.loss(p, state.batch_stats, images, batch, rngs)[0],
+                     state.params)[1]
 
-    shapes = jax.eval_shape(pullback, one, batch["crop"], batch["label"])
+    shapes = jax.eval_shape(pullback, one, dict(batch))
     return int(sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                    for s in jax.tree.leaves(shapes) if hasattr(s, "shape")))
-
-
-def host_memory_bytes() -> int:
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def plan_members(members: int, saved_bytes_per_member: int, budget_bytes: float,
@@ -174,18 +172,20 @@ class EnsembleStep:
     return [(self.fn.lower(state, batch, rng), 1)]
 
 
-def make_train_step(member_step: MemberStep, mesh: Mesh, abstract_state, strategy: str = "auto",
-                    *, batch=None, map_batch: int | None = None,
-                    memory_budget: float | None = None) -> EnsembleStep:
+def make_train_step(member_step: MemberStep, mesh: Mesh, abstract_state,
+                    policy: policy_lib.Policy | str = "auto", *, batch=None,
+                    map_batch: int | None = None, memory_budget: float | None = None
+                    ) -> EnsembleStep:
   """The jitted ensemble step for a stacked state shaped like `abstract_state`.
 
-  batch: a batch (arrays or ShapeDtypeStructs) that ``auto`` on a CPU sizes its member
+  policy: the run's `cellrep.ops.policy.Policy` (its strategy, map_batch, memory_budget and
+    donation), or a strategy name resolved for this backend with `map_batch` and
+    `memory_budget` (bytes the saved activations of an ``auto`` step may take on a CPU).
+  batch: a batch (arrays or ShapeDtypeStructs) that a memory-planned step sizes its member
     chunks by; without it, the step plans at its first call, for that batch's shapes.
-  map_batch: members per iteration for ``map`` (default 1; ``auto`` chooses its own).
-  memory_budget: bytes the saved activations of one ``auto`` step may take on a CPU
-    (default `CPU_MEMORY_FRACTION` of the host's memory).
   """
-  resolve_strategy(strategy)
+  if isinstance(policy, str):
+    policy = policy_lib.resolve(strategy=policy, map_batch=map_batch, memory_budget=memory_budget)
   members = int(jax.tree.leaves(abstract_state)[0].shape[0])
   state_sh = jax.tree.map(lambda _: member_sharding(mesh), abstract_state)
   batch_sh = NamedSharding(mesh, P("data"))
@@ -193,32 +193,28 @@ def make_train_step(member_step: MemberStep, mesh: Mesh, abstract_state, strateg
   metrics_sh = member_sharding(mesh)
   in_shardings = (state_sh, batch_sh, replicated)
   out_shardings = (state_sh, metrics_sh)
-  if strategy == "auto" and jax.default_backend() == "cpu" and batch is None:
+  if policy.memory_budget is not None and batch is None:
     planned: dict[tuple, EnsembleStep] = {}
 
     def plan(batch):
-      key = tuple((k, tuple(batch[k].shape)) for k in ("crop", "label"))
+      key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
       if key not in planned:
-        planned[key] = make_train_step(member_step, mesh, abstract_state, "auto", batch=batch,
-                                       memory_budget=memory_budget)
+        planned[key] = make_train_step(member_step, mesh, abstract_state, policy, batch=batch)
       return planned[key]
 
     return EnsembleStep(lambda state, batch, rng: plan(batch)(state, batch, rng), "auto",
                         in_shardings, out_shardings, members=members, plan=plan)
-  if strategy == "auto":
-    strategy, map_batch = "vmap", None
-    if jax.default_backend() == "cpu":
-      budget = memory_budget if memory_budget is not None else (
-          CPU_MEMORY_FRACTION * host_memory_bytes())
-      strategy, map_batch = plan_members(members, member_step.saved_bytes(abstract_state, batch),
-                                         budget, mesh.shape["member"])
+  strategy, map_batch = policy.strategy, policy.map_batch
+  if policy.memory_budget is not None:
+    strategy, map_batch = plan_members(members, member_step.saved_bytes(abstract_state, batch),
+                                       policy.memory_budget, mesh.shape["member"])
   ids = np.arange(members, dtype=np.int32)
   donate = (0,)
 
   if strategy == "vmap" and members == 1:
     # A vmap of one member keeps size-1 batch axes on every product, which XLA:CPU ran
     # 15-20% slower (ResNet-50) than the member's own program.
-    if jax.default_backend() == "cpu":
+    if not policy.donate_single_member:
       # Donated, this program copied the parameters and both Adam moments every step on
       # XLA:CPU (its parameter update re-reads the old moments that the new ones overwrite
       # in place): a ResNet-50 step ran 6% faster writing a fresh state. Not so for ten

@@ -71,7 +71,10 @@ def fit(state, step_fn, batches: Iterator, *, rng: jax.Array, num_steps: int, da
       if learning_rate is not None:
         scalars["train/lr"] = float(learning_rate(step))
       writer.write(done, scalars)
-      bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", acc=f"{scalars['train/accuracy']:.2f}")
+      # The loss and the objective's first metric besides it (accuracy, mse_masked, ...).
+      shown = [k for k in summary if k not in ("loss", "grad_norm")][:1]
+      bar.set_postfix({"loss": f"{scalars['train/loss']:.3f}",
+                       **{k[:3]: f"{scalars[f'train/{k}']:.2f}" for k in shown}})
       pending, t0, steps_since = [], time.perf_counter(), 0
     if save:
       checkpointer.save(done, state, batches)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cellrep.infer.predict import (cellsighter_csv, ensemble, make_predict_fn, predict,
-                                   predictions_table, resolve_dtype)
+                                   predictions_table)
 from cellrep.models.resnet import ResNet
 from cellrep.train.ensemble import make_mesh
 from cellrep.train.state import create_state
@@ -82,19 +82,6 @@ def test_bfloat16_predictor_agrees_with_float32():
   # bfloat16 products (im2col: no Winograd tile positions), float32 accumulation.
   text = bf16.lower(variables, crops).as_text()
   assert "xbf16>, tensor<" in text and not WINOGRAD_DOT.search(text.replace("xbf16>", "xf32>"))
-
-
-def test_resolve_dtype(monkeypatch):
-  from cellrep.models import conv as conv_lib
-  assert resolve_dtype("auto", "float32", "gpu") == "bfloat16"
-  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f"}))
-  assert resolve_dtype("auto", jnp.float32, "cpu") == "float32"
-  assert resolve_dtype("auto", jnp.bfloat16, "cpu") == "bfloat16"  # the model's own
-  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-  assert resolve_dtype("auto", jnp.float32, "cpu") == "bfloat16"
-  assert resolve_dtype("float32", jnp.float32, "cpu") == "float32"
-  with pytest.raises(ValueError, match="unknown prediction dtype"):
-    resolve_dtype("float16")
 
 
 def test_tables():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -84,10 +85,46 @@ def test_another_panel_is_mapped_by_name(run, tmp_path, caplog):
 
 
 def test_load_refuses_what_is_not_a_run(run, tmp_path):
-  with pytest.raises(InputError, match="config.json"):
+  with pytest.raises(InputError, match="model.json"):
     trained_lib.load(tmp_path)
   _, workdir, _ = run
-  (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
   (tmp_path / trained_lib.MODEL_JSON).write_text((workdir / trained_lib.MODEL_JSON).read_text())
   with pytest.raises(InputError, match="checkpoints"):
     trained_lib.load(tmp_path)
+  meta = json.loads((workdir / trained_lib.MODEL_JSON).read_text())
+  meta["model"]["width"] = -1
+  (tmp_path / trained_lib.MODEL_JSON).write_text(json.dumps(meta))
+  with pytest.raises(InputError, match="model.json: width"):
+    trained_lib.load(tmp_path)
+
+
+def test_load_needs_only_model_json_and_the_parameters(run, tmp_path):
+  # No config.json, and no optimizer: the optimizer state is not even read back.
+  import shutil
+  store, workdir, predictions = run
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.copy(workdir / trained_lib.MODEL_JSON, tmp_path)
+  meta = json.loads((tmp_path / trained_lib.MODEL_JSON).read_text())
+  assert meta["model"]["name"] == "resnet18" and meta["members"] == 2
+  assert meta["objective"] == {"name": "softmax_cross_entropy", "label_smoothing": 0.0}
+  assert pathlib.Path(meta["store"]) == store.path
+  assert trained_lib.trained_store(tmp_path) == str(store.path)
+  trained = trained_lib.load(tmp_path)
+  assert set(trained.variables) == {"params", "batch_stats"}
+  rows = np.flatnonzero(store.cells.fov_name.to_numpy() == "fov2")
+  _, probs, _ = trained_lib.predict_store(trained, store, rows, batch_size=16, threads=2)
+  np.testing.assert_allclose(probs.mean(axis=1), _probs(predictions), rtol=1e-5, atol=1e-6)
+
+
+def test_runs_written_before_model_json_held_the_model_still_load(run, tmp_path):
+  import shutil
+  store, workdir, _ = run
+  shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+  shutil.copy(workdir / "config.json", tmp_path)
+  meta = json.loads((workdir / trained_lib.MODEL_JSON).read_text())
+  for key in ("model", "members", "objective", "store"):
+    del meta[key]
+  (tmp_path / trained_lib.MODEL_JSON).write_text(json.dumps(meta))
+  trained = trained_lib.load(tmp_path)
+  assert trained.members == 2 and trained.spec["name"] == "resnet18"
+  assert trained_lib.trained_store(tmp_path) == str(store.path)  # config.json's data.store

@@ -3,7 +3,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cellrep.models import get_model
+from cellrep import models
+from cellrep.errors import BadValue
+
+
+def get_model(name, num_classes, **kwargs):
+  return models.build({"name": name, **kwargs}, num_classes=num_classes)
 
 
 def _count(tree) -> int:
@@ -38,8 +43,38 @@ def test_any_channel_count_and_train_mode(stem, size):
   before = jax.tree.leaves(variables["batch_stats"])
   after = jax.tree.leaves(updates["batch_stats"])
   assert any(not np.allclose(a, b) for a, b in zip(before, after))
-  logits_eval, feats = model.apply(variables, x, return_features=True)
-  assert feats.shape == (4, 8 * 8)
+  logits_eval, feats = model.apply(variables, x, capture=("pool", "layer4", "stem"))
+  assert feats["pool"].shape == (4, 8 * 8) and feats["pool"].dtype == jnp.float32
+  np.testing.assert_allclose(feats["pool"], feats["layer4"].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(logits_eval, model.apply(variables, x))
+  assert feats["stem"].shape[-1] == 8
+
+
+def test_capture_of_an_unknown_layer_names_the_known_ones():
+  model = get_model("resnet18", 3, width=0.125, stem="small")
+  x = jnp.zeros((1, 16, 16, 2))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(BadValue, match="block6a_activation.*layer2_1"):
+    model.apply(variables, x, capture=("block6a_activation",))
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"name": "resnet51"}, "name"), ({"width": 0}, "width"), ({"stem": "tiny"}, "stem"),
+    ({"dtype": "float16"}, "dtype"), ({"conv_impl": "fft"}, "conv_impl"),
+    ({"depth": 3}, "depth"), ({"num_classes": 0}, "num_classes")])
+def test_the_model_checks_its_own_arguments(kwargs, field):
+  spec = {"name": "resnet18", "num_classes": 3, **kwargs}
+  with pytest.raises(BadValue) as e:
+    models.build(spec)
+  assert e.value.field == field
+
+
+def test_registered_models_build_by_name():
+  assert {"resnet18", "resnet34", "resnet50"} <= set(models.names())
+  models.register("tiny_resnet_for_test", lambda num_classes: get_model("resnet18", num_classes,
+                                                                          width=0.0625))
+  net = models.build({"name": "tiny_resnet_for_test"}, num_classes=2)
+  assert net.num_classes == 2 and net.width == 0.0625
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -5,8 +5,8 @@ import optax
 import pytest
 
 from cellrep.models.resnet import ResNet
-from cellrep.train.ensemble import (MemberStep, make_mesh, make_train_step, plan_members,
-                                    resolve_strategy)
+from cellrep.ops.policy import resolve
+from cellrep.train.ensemble import MemberStep, make_mesh, make_train_step, plan_members
 from cellrep.train.state import abstract_state, create_state
 
 MEMBERS, BATCH, SIZE, CHANNELS, CLASSES = 2, 8, 12, 4, 3
@@ -50,7 +50,9 @@ def _run(strategy, mesh, steps=3, members=MEMBERS, conv_impl="auto", **kwargs):
 
 
 def test_auto_is_vmap_chunked_by_memory():
-  assert resolve_strategy("auto", "cpu") == resolve_strategy("auto", "gpu") == "vmap"
+  assert resolve(platform_name="cpu").strategy == resolve(platform_name="gpu").strategy == "vmap"
+  assert resolve(platform_name="cpu").memory_budget > 0  # chunked by memory on a CPU only
+  assert resolve(platform_name="gpu").memory_budget is None
   # All members fit: vmap; else the largest divisor of the members that fits.
   assert plan_members(10, 100, 1e4) == ("vmap", 10)
   assert plan_members(10, 100, 450) == ("map", 2)

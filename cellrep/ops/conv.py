@@ -1,8 +1,8 @@
 """2-D convolution with a choice of how XLA sees it: as a convolution or as a matrix product.
 
-`Conv` has the parameters of `flax.linen.Conv` (one ``kernel`` [kh, kw, C_in,
-C_out], same initialiser, same name), so a model gives the same numbers whichever
-implementation it runs, and checkpoints move between them.
+The kernels beneath `cellrep.models.layers.Conv` (which has the parameters of
+`flax.linen.Conv`, so a model gives the same numbers whichever implementation it
+runs, and checkpoints move between them).
 
 Implementations (`IMPLS`):
 
@@ -29,11 +29,15 @@ Implementations (`IMPLS`):
   gradients are written out (`_winograd_bwd`: the input's is a Winograd
   convolution again, the kernel's taken in the transformed domain); autodiff
   through the transforms ran 1.5-2.4x slower than im2col.
-- ``auto``: ``xla`` on GPU/TPU. On a CPU, in float32, ``winograd`` to predict and to
-  train on batches of 128 or more, ``im2col`` to train on smaller ones
-  (`resolve_conv_impl`): the float32 ResNet-50 ensemble predictor ran 12-16% faster with
-  Winograd; a ResNet-50 train step 7% slower at batch 32 (ResNet-18 level) and 8% faster
-  at 128 (benchmarks/bench_ensemble.py, README). In bfloat16 ``im2col``.
+- ``auto``: what `cellrep.ops.policy.resolve_conv_impl` chooses for the backend, the
+  batch and the dtype (``xla`` on GPU/TPU; im2col or Winograd on a CPU).
+
+Grouped convolutions (``feature_group_count`` G; kernel [kh, kw, C_in / G, C_out], as
+`lax.conv_general_dilated`) work under every implementation: ``xla`` passes G on;
+``im2col`` multiplies each group's columns by its own kernel (one product batched over
+groups) and, for depthwise ones (C_in / G = 1, as EfficientNet's 3x3 and 5x5), sums the
+window's views times the kernel's taps, elementwise, with no product at all; ``winograd``
+handles dense 3x3 convolutions and leaves grouped ones to im2col.
 
 bfloat16: the products take bfloat16 operands and accumulate in float32 (`_dot`), the
 form XLA:CPU runs natively (YNNPACK; about twice the float32 rate on CPUs with
@@ -49,98 +53,80 @@ convolutions; 1x1 convolutions are a (strided) slice and a product, no copy.
 from __future__ import annotations
 
 import functools
-import pathlib
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-IMPLS = ("auto", "xla", "im2col", "winograd")
+from cellrep.ops.policy import CONV_IMPLS as IMPLS, resolve_conv_impl
 
 Padding = str | Sequence[tuple[int, int]]
 
-# The batch (per member) from which ``auto`` trains by Winograd on a CPU: a ResNet-50
-# train step ran 8% faster with it at batch 128 and 7% slower at 32.
-CPU_WINOGRAD_TRAIN_BATCH = 128
-
-
-def resolve_conv_impl(impl: str, backend: str | None = None, inference: bool = False,
-                      batch: int | None = None, dtype: Any = jnp.float32) -> str:
-  """``auto`` -> ``xla`` off CPU; on CPU, in float32, ``winograd`` for `inference` or a
-  `batch` of at least `CPU_WINOGRAD_TRAIN_BATCH` images, else ``im2col``; in bfloat16
-  ``im2col`` (Winograd's transformed operands rounded to bfloat16 err 8x more: 2.3% vs
-  0.29% relative per 3x3 layer, for 5% more predictor speed).
-
-  Other names pass through (checked)."""
-  if impl not in IMPLS:
-    raise ValueError(f"unknown conv implementation {impl!r}; known: {IMPLS}")
-  if impl != "auto":
-    return impl
-  if (backend or jax.default_backend()) != "cpu":
-    return "xla"
-  if jnp.dtype(dtype) == jnp.bfloat16:
-    return "im2col"
-  large = batch is not None and batch >= CPU_WINOGRAD_TRAIN_BATCH
-  return "winograd" if inference or large else "im2col"
-
-
-# x86 CPU flags of bfloat16 dot-product instructions. With them XLA:CPU (YNNPACK) runs a
-# bf16 x bf16 -> f32 product at about twice its float32 rate (392 vs 202 GFLOP/s, AVX512-BF16,
-# 2 cores); without them it converts the operands to float32 first.
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return frozenset()
-  for line in text.splitlines():
-    if line.startswith("flags"):
-      return frozenset(line.split(":", 1)[1].split())
-  return frozenset()
-
-
-def fast_bfloat16(backend: str | None = None) -> bool:
-  """Whether bfloat16 products run faster than float32 ones: on GPU/TPU, and on a CPU with
-  one of `CPU_BF16_FLAGS`."""
-  if (backend or jax.default_backend()) != "cpu":
-    return True
-  return not _cpu_flags().isdisjoint(CPU_BF16_FLAGS)
-
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int] = (1, 1),
-           padding: Padding = "SAME", impl: str = "xla") -> jax.Array:
+           padding: Padding = "SAME", impl: str = "xla", feature_group_count: int = 1
+           ) -> jax.Array:
   """A 2-D convolution (cross-correlation, as `lax.conv_general_dilated`).
 
   Args:
     x: [B, H, W, C_in] (NHWC).
-    kernel: [kh, kw, C_in, C_out] (HWIO).
+    kernel: [kh, kw, C_in / feature_group_count, C_out] (HWIO).
     strides: (sy, sx) in pixels.
     padding: "SAME", "VALID" or ((top, bottom), (left, right)) in pixels.
     impl: "xla", "im2col" or "winograd" (see the module docstring); "auto" resolves
-      per backend, as for training on this batch.
+      per backend (`cellrep.ops.policy.resolve_conv_impl`), as for training on this batch.
+    feature_group_count: G groups of C_in / G input and C_out / G output channels.
 
   Returns:
     [B, H', W', C_out], H' = (H + top + bottom - kh) // sy + 1 (and W' alike).
   """
   impl = resolve_conv_impl(impl, batch=x.shape[0], dtype=x.dtype)
   strides = tuple(int(s) for s in strides)
+  groups = int(feature_group_count)
+  if x.shape[-1] != kernel.shape[2] * groups or kernel.shape[3] % groups:
+    raise ValueError(f"input channels {x.shape[-1]} / kernel {kernel.shape} do not make "
+                     f"{groups} groups")
   if impl == "xla":
     return lax.conv_general_dilated(x, kernel, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if groups > 1:
+    return _grouped_im2col_conv(x, kernel, strides, padding, groups).astype(x.dtype)
   if impl == "winograd":
     tile = winograd_tile(x.shape[1:3], kernel.shape[:2], strides, padding)
     if tile:
       return _winograd(x, kernel, padding, tile).astype(x.dtype)
   return _im2col_conv(x, kernel, strides, padding).astype(x.dtype)
+
+
+def _grouped_im2col_conv(x, kernel, strides, padding, groups):
+  """A grouped convolution from the window's strided views, float32 result.
+
+  Depthwise (one input channel per group, any channel multiplier): the sum over the
+  window of each view times its tap, elementwise in float32 (a product with K = 1 would
+  run far below peak). Otherwise each group's im2col columns [B, H', W', kh*kw*C_g] times
+  its kernel [kh*kw*C_g, O_g]: one product batched over groups.
+  """
+  kh, kw, cg, cout = kernel.shape
+  og = cout // groups
+  views, _ = strided_views(x, (kh, kw), strides, padding)
+  b, ho, wo, _ = views[0].shape
+  if cg == 1:
+    taps = kernel.astype(jnp.float32).reshape(kh * kw, groups, og)
+    y = None
+    for t, v in enumerate(views):
+      term = v.astype(jnp.float32)[..., None] * taps[t]
+      y = term if y is None else y + term
+    return y.reshape(b, ho, wo, cout)
+  cols = jnp.stack([v.reshape(b, ho, wo, groups, cg) for v in views], axis=-2)
+  cols = cols.reshape(b, ho, wo, groups, kh * kw * cg)
+  w = kernel.reshape(kh * kw, cg, groups, og).transpose(2, 0, 1, 3).reshape(groups, -1, og)
+  return _dot("bhwgk,gko->bhwgo", cols, w).reshape(b, ho, wo, cout)
 
 
 def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -181,6 +167,21 @@ def _concatenate(arrays, axis: int):
   return _concatenate_bits(tuple(arrays), axis)
 
 
+def _varying(x) -> frozenset:
+  """The manual mesh axes x varies along (inside `jax.shard_map`; empty elsewhere)."""
+  kind = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(kind.varying) if kind is not None else frozenset()
+
+
+def like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """A hand-written cotangent typed like its primal: summed over the manual mesh axes it
+  varies along and the primal does not (as autodiff transposes the implicit broadcast).
+  Inside `jax.shard_map` over members, an input shared by every member (images no member
+  augments differently) gets the sum of the members' cotangents."""
+  extra = _varying(ct) - _varying(primal)
+  return lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _concatenate_bits(arrays, axis):
   bits = [lax.bitcast_convert_type(a, jnp.uint16) for a in arrays]
@@ -188,12 +189,16 @@ def _concatenate_bits(arrays, axis):
 
 
 def _concatenate_bits_fwd(arrays, axis):
-  return _concatenate_bits(arrays, axis), tuple(a.shape[axis] for a in arrays)
+  # Empty views of the inputs: their types (varying axes inside shard_map), not their data.
+  return _concatenate_bits(arrays, axis), (tuple(a.shape[axis] for a in arrays),
+                                            tuple(a.reshape(-1)[:0] for a in arrays))
 
 
-def _concatenate_bits_bwd(axis, sizes, g):
+def _concatenate_bits_bwd(axis, residuals, g):
   """The bitcasts have no gradient; the concatenation's is the cotangent split back."""
-  return (tuple(jnp.split(g, np.cumsum(sizes)[:-1].tolist(), axis=axis)),)
+  sizes, empties = residuals
+  parts = jnp.split(g, np.cumsum(sizes)[:-1].tolist(), axis=axis)
+  return (tuple(like_primal(p, e) for p, e in zip(parts, empties)),)
 
 
 _concatenate_bits.defvjp(_concatenate_bits_fwd, _concatenate_bits_bwd)
@@ -224,7 +229,8 @@ def _cols_product_bwd(residuals, dy):
   cols, w = residuals
   dy = dy.astype(cols.dtype)
   dw = _dot("nk,no->ko", cols.reshape(-1, cols.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-  return _dot("bhwo,ko->bhwk", dy, w).astype(cols.dtype), dw.astype(w.dtype)
+  return (like_primal(_dot("bhwo,ko->bhwk", dy, w).astype(cols.dtype), cols),
+          like_primal(dw.astype(w.dtype), w))
 
 
 _cols_product.defvjp(_cols_product_fwd, _cols_product_bwd)
@@ -372,34 +378,7 @@ def _winograd_bwd(padding, m, residuals, dy):
   rows = [[_combine(g[:, j], list(du[k])) for j in range(kw)] for k in range(a)]
   dk = jnp.stack([jnp.stack([_combine(g[:, i], [rows[k][j] for k in range(a)]) for j in range(kw)])
                   for i in range(kh)])
-  return dx.astype(v.dtype), dk.astype(kernel.dtype)
+  return like_primal(dx.astype(v.dtype), v), like_primal(dk.astype(kernel.dtype), kernel)
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
-
-
-class Conv(nn.Module):
-  """`flax.linen.Conv` without bias for NHWC images, with a selectable implementation.
-
-  Parameters: ``kernel`` [kh, kw, C_in, C_out] float32 (``bias`` [C_out] when use_bias).
-  """
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  padding: Padding = "SAME"
-  use_bias: bool = False
-  dtype: Any = jnp.float32
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  impl: str = "xla"
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C_in] -> [B, H', W', features] in `dtype`."""
-    kernel = self.param("kernel", self.kernel_init,
-                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding,
-               self.impl)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32
-                         ).astype(self.dtype)
-    return y

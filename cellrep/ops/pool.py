@@ -4,7 +4,7 @@
 iotas, a gather and a scatter: in a ResNet-50 train step at 60 px the stem's one
 3x3 / 2 max-pool took ~10% of the step. `max_pool` with ``impl`` other than
 ``xla`` takes the max over the window's strided views (as im2col takes them,
-`cellrep.models.conv`) and writes its gradient out: each view's share of dy where
+`cellrep.ops.conv`) and writes its gradient out: each view's share of dy where
 it holds the max, first in window order (row-major) on ties, as reduce_window's
 gradient routes them, padded back into place and summed, all fused elementwise.
 ``xla`` (what ``auto`` is on GPU/TPU) is `flax.linen.max_pool`.
@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cellrep.models.conv import resolve_conv_impl, strided_views
+from cellrep.ops.conv import like_primal, strided_views
+from cellrep.ops.policy import resolve_conv_impl
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -64,7 +65,7 @@ def _max_pool_bwd(window, strides, padding, residuals, dy):
                      (j, w - j - (wo - 1) * sx - 1, sx - 1), (0, 0, 0)))
     dx = share if dx is None else dx + share
   (top, bottom), (left, right) = padding
-  return (dx[:, top:h - bottom, left:w - right],)
+  return (like_primal(dx[:, top:h - bottom, left:w - right], x),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

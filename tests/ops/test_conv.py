@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cellrep.models import get_model
-from cellrep.models import conv as conv_lib
-from cellrep.models.conv import Conv, conv2d, resolve_conv_impl, winograd_tile
+from cellrep import models
+from cellrep.models.layers import Conv
+from cellrep.ops.conv import conv2d, winograd_tile
 from tests.models.helpers import WINOGRAD_DOT, random_bn_scales
 
 # (input HxW, kernel, strides, padding): every convolution a ResNet has, plus odd sizes.
@@ -97,12 +97,71 @@ def test_im2col_kernel_gradient_reads_dy_in_place():
   assert "f32[128,6]" in text or "f32[2,8,8,6]" in text
 
 
-def test_conv_module_has_flax_conv_parameters():
-  x = jnp.ones((1, 8, 8, 3))
-  ours = Conv(4, (3, 3), (2, 2), impl="im2col").init(jax.random.key(0), x)
-  flax_conv = nn.Conv(4, (3, 3), (2, 2), use_bias=False).init(jax.random.key(0), x)
+@pytest.mark.parametrize("use_bias,groups", [(False, 1), (True, 1), (True, 3)])
+def test_conv_module_has_flax_conv_parameters(use_bias, groups):
+  x = jnp.ones((1, 8, 8, 6))
+  kw = dict(use_bias=use_bias, feature_group_count=groups)
+  ours = Conv(9, (3, 3), (2, 2), impl="im2col", **kw).init(jax.random.key(0), x)
+  flax_conv = nn.Conv(9, (3, 3), (2, 2), **kw).init(jax.random.key(0), x)
   assert jax.tree.structure(ours) == jax.tree.structure(flax_conv)
-  np.testing.assert_array_equal(ours["params"]["kernel"], flax_conv["params"]["kernel"])
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(flax_conv)):
+    np.testing.assert_array_equal(a, b)
+
+
+# Grouped and depthwise convolutions, as EfficientNet and ResNeXt have them:
+# (input HxW, C_in, C_out, groups, kernel, strides, padding).
+GROUPED = [
+    (12, 6, 6, 6, 3, 1, "SAME"),     # depthwise 3x3
+    (12, 6, 6, 6, 3, 2, "SAME"),     # depthwise 3x3 / 2
+    (15, 4, 4, 4, 5, 1, "SAME"),     # depthwise 5x5
+    (15, 4, 4, 4, 5, 2, "SAME"),     # depthwise 5x5 / 2, odd input
+    (10, 4, 8, 4, 3, 1, "SAME"),     # depthwise with channel multiplier 2
+    (11, 6, 9, 3, 3, 2, "SAME"),     # 3 groups of 2 -> 3
+    (9, 8, 8, 2, 1, 1, "VALID"),     # grouped 1x1
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col", "winograd", "auto"])
+@pytest.mark.parametrize("size,cin,cout,groups,k,stride,padding", GROUPED)
+def test_grouped_convolutions_match_flax_values_and_gradients(impl, size, cin, cout, groups, k,
+                                                              stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, cin))
+  kwargs = dict(features=cout, kernel_size=(k, k), strides=(stride, stride), padding=padding,
+                feature_group_count=groups)
+  ref_module, module = nn.Conv(**kwargs), Conv(impl=impl, **kwargs)
+  variables = ref_module.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a non-zero bias too
+  ct = jax.random.normal(jax.random.key(2), ref_module.apply(variables, x).shape)
+
+  def loss(m):
+    return lambda v, x: jnp.sum(m.apply(v, x) * ct)
+
+  np.testing.assert_allclose(module.apply(variables, x), ref_module.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = jax.grad(loss(module), argnums=(0, 1))(variables, x)
+  grads_ref = jax.grad(loss(ref_module), argnums=(0, 1))(variables, x)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_im2col_is_elementwise_and_vmaps_over_members():
+  # No product with one input channel per group: sums of views times taps.
+  x = jax.random.normal(jax.random.key(0), (3, 2, 9, 9, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 3, 1, 4))
+  conv = lambda impl: jax.vmap(lambda x, w: conv2d(x, w, (1, 1), "SAME", impl, 4))
+  text = jax.jit(conv("im2col")).lower(x, w).as_text()
+  assert "convolution" not in text and "dot_general" not in text
+  np.testing.assert_allclose(conv("im2col")(x, w), conv("xla")(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_depthwise_accumulates_in_float32():
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 8))
+  w = jax.random.normal(jax.random.key(1), (5, 5, 1, 8)) / 5
+  ref = conv2d(x, w, (2, 2), "SAME", "xla", 8)
+  out = conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (2, 2), "SAME", "im2col", 8)
+  assert out.dtype == jnp.bfloat16
+  err = jnp.sqrt(jnp.mean((out.astype(jnp.float32) - ref) ** 2) / jnp.mean(ref ** 2))
+  assert float(err) < 0.01
 
 
 def test_winograd_tile_by_shape():
@@ -119,33 +178,16 @@ def test_winograd_tile_by_shape():
 def test_resnet_impls_share_parameters_and_agree():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 6))
   impls = ("xla", "im2col", "winograd")
-  models = {impl: get_model("resnet18", 4, width=0.125, conv_impl=impl) for impl in impls}
-  variables = {impl: m.init(jax.random.key(0), x) for impl, m in models.items()}
+  nets = {impl: models.build({"name": "resnet18"}, num_classes=4, width=0.125, conv_impl=impl)
+          for impl in impls}
+  variables = {impl: m.init(jax.random.key(0), x) for impl, m in nets.items()}
   for impl in impls[1:]:
     for a, b in zip(jax.tree.leaves(variables["xla"]), jax.tree.leaves(variables[impl])):
       np.testing.assert_array_equal(a, b)
   variables = random_bn_scales(variables["xla"])
-  ref = models["xla"].apply(variables, x)
+  ref = nets["xla"].apply(variables, x)
   for impl in impls[1:]:
-    np.testing.assert_allclose(models[impl].apply(variables, x), ref, rtol=1e-4, atol=1e-5)
-
-
-def test_auto_is_im2col_or_winograd_on_cpu_and_xla_elsewhere():
-  assert resolve_conv_impl("auto", "cpu") == resolve_conv_impl("auto", "cpu", batch=32) == "im2col"
-  assert resolve_conv_impl("auto", "cpu", batch=128) == "winograd"  # large batches train faster
-  assert resolve_conv_impl("im2col", "cpu", batch=256) == "im2col"
-  assert resolve_conv_impl("auto", "cpu", inference=True) == "winograd"
-  for backend in ("gpu", "tpu"):
-    assert resolve_conv_impl("auto", backend) == resolve_conv_impl("auto", backend, True) == "xla"
-    assert resolve_conv_impl("auto", backend, batch=256) == "xla"
-  assert resolve_conv_impl("xla", "cpu", inference=True) == "xla"
-  # bfloat16: im2col on a CPU (Winograd's rounded transforms lose accuracy), XLA elsewhere.
-  assert resolve_conv_impl("auto", "cpu", True, dtype=jnp.bfloat16) == "im2col"
-  assert resolve_conv_impl("auto", "cpu", batch=256, dtype="bfloat16") == "im2col"
-  assert resolve_conv_impl("auto", "gpu", True, dtype=jnp.bfloat16) == "xla"
-  assert resolve_conv_impl("winograd", "cpu", True, dtype=jnp.bfloat16) == "winograd"
-  with pytest.raises(ValueError, match="unknown conv"):
-    resolve_conv_impl("fft")
+    np.testing.assert_allclose(nets[impl].apply(variables, x), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_auto_trains_large_batches_by_winograd_on_cpu():
@@ -208,9 +250,22 @@ def test_bfloat16_im2col_copies_bits_exactly():
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x, np.float32))
 
 
-def test_fast_bfloat16_by_backend_and_cpu_flags(monkeypatch):
-  assert conv_lib.fast_bfloat16("gpu") and conv_lib.fast_bfloat16("tpu")
-  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-  assert not conv_lib.fast_bfloat16("cpu")
-  monkeypatch.setattr(conv_lib, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
-  assert conv_lib.fast_bfloat16("cpu")
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+def test_hand_written_gradients_of_an_input_shared_by_sharded_members(impl):
+  # Members sharded over devices (the map strategy's shard_map), images they share: the
+  # shared input's cotangent is the sum over members, typed like the input.
+  from jax.sharding import AxisType, PartitionSpec as P
+  mesh = jax.make_mesh((2,), ("member",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  w = jax.random.normal(jax.random.key(1), (2, 3, 3, 4, 6)) / 3
+
+  def grads(impl):
+    def local(x, w):
+      loss = lambda x, w: jax.lax.psum(jnp.sum(jnp.sin(jax.vmap(
+          lambda w: conv2d(x, w, (1, 1), "SAME", impl))(w))), "member")
+      return jax.grad(loss, argnums=(0, 1))(x, w)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("member")),
+                                 out_specs=(P(), P("member"))))(x, w)
+
+  for g, r in zip(grads(impl), grads("xla")):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

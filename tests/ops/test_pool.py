@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cellrep.models.pool import max_pool
+from cellrep.ops.pool import max_pool
 
 # (input [B, H, W, C], window, strides, padding): the ResNet stem's pool and odd ones.
 CASES = [
