@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   columns.well = "Metadata_Plate,Metadata_Well"                 # sites -> well (mean)
   columns.treatment = "Metadata_compound"                       # wells -> treatment (mean)
   columns.moa = "Metadata_moa"                                  # "" skips same-MoA retrieval
-  columns.plate = "Metadata_Plate"
+  columns.plate = "Metadata_Plate"                              # "" = all wells on one plate
   config.controls = "Metadata_control == True"  # pandas query selecting control wells
 
   config.sphering = sphering = ml_collections.ConfigDict()

@@ -27,6 +27,8 @@ from cellrep.profiling import (aggregate, enrichment, retrieval, significance, s
                                sweep, synthetic, tables)
 
 REFERENCE = "Metadata_reference_index"
+# The plate of every well when columns.plate is "" (data without plates, such as tissue).
+ONE_PLATE = "Metadata_one_plate"
 
 
 def _list(text: str) -> list[str]:
@@ -75,7 +77,15 @@ def write_parquet(df: pd.DataFrame, path: pathlib.Path) -> None:
 
 
 def load_wells(config, workdir: pathlib.Path) -> tuple[pd.DataFrame, str]:
-  """The well-level table and the name errors should use for it."""
+  """The well-level table (with ONE_PLATE when columns.plate is "") and the name errors
+  should use for it."""
+  df, source = _wells(config)
+  if not config.columns.plate:
+    df[ONE_PLATE] = "all"
+  return df, source
+
+
+def _wells(config) -> tuple[pd.DataFrame, str]:
   if config.synthetic:
     meta, x = synthetic.wells(n_compounds=60, replicates=4, n_controls=48, dim=64, n_plates=4,
                               n_moas=8, ties=False, multilabel=True, signal=0.35)
@@ -98,13 +108,14 @@ def run(config, workdir: pathlib.Path) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   c, r, s = config.columns, config.retrieval, config.sphering
   wells, source = load_wells(config, workdir)
-  needed = [c.treatment, c.plate] + ([c.moa] if c.moa else [])
+  plate = c.plate or ONE_PLATE
+  needed = [c.treatment, plate] + ([c.moa] if c.moa else [])
   tables.require_columns(wells, needed, source, "metadata")
   features = tables.feature_columns(wells)
   tables.feature_matrix(wells, features, source)  # refuse NaN / text features here
   controls = sphering.control_mask(wells, config.controls, source)
   reg = "knee" if s.knee else s.reg
-  by = c.plate if s.per_plate else None
+  by = plate if s.per_plate else None
   if s.method != "none":
     wells = sphering.sphere(wells, controls, s.method, reg=reg, by=by, source=source)
     features = tables.feature_columns(wells)
@@ -153,7 +164,7 @@ def run(config, workdir: pathlib.Path) -> dict:
         f"folds of enrichment (top {100 - r.percentile:g}%)": float(enrich.folds.mean())})
 
   strong = strength.treatment_strength(wells.drop(columns=[REFERENCE]), controls, c.treatment,
-                                       c.plate, r.strength_fraction, source=source)
+                                       plate, r.strength_fraction, source=source)
   write_parquet(strong, workdir / "strength.parquet")
 
   regs = [float(v) for v in _list(s.sweep)] if s.method != "none" else []
