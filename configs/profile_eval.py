@@ -6,6 +6,9 @@ r"""Profile evaluation: sphere on controls, aggregate, AP/mAP, enrichment, stren
 Variants (`:arg`, comma-separated):
   configs/profile_eval.py:synthetic   a generated well table (no input needed; laptop CPU)
   configs/profile_eval.py:level=cell  the input holds single cells (aggregated to sites, wells)
+  configs/profile_eval.py:by_class=C  cells of tissue without treatments (the embed job's
+                                      embeddings.parquet): each FOV x cell class is a well, the
+                                      class its treatment, one plate, class C's wells the controls
 
 Reads a parquet (or CSV) profile table whose metadata columns start with
 `Metadata_`; writes WORKDIR/ap.parquet (AP per treated well against controls),
@@ -23,7 +26,7 @@ from cellrep import config_util
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = config_util.parse_arg(arg, synthetic=False, level="well")
+  args = config_util.parse_arg(arg, synthetic=False, level="well", by_class="")
   config = ml_collections.ConfigDict()
   config.task = "profile_eval"
   config.input = config_dict.placeholder(str)  # profiles .parquet/.csv (unless synthetic)
@@ -60,4 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if args.synthetic:
     sphering.sweep = "1e-3,1e-2,1e-1,1"
     retrieval.null_size = 2000
+  if args.by_class:
+    config.level = "cell"
+    columns.site = columns.well = "Metadata_fov_name,Metadata_label"
+    columns.treatment = "Metadata_label"
+    columns.moa = columns.plate = ""
+    config.controls = f"Metadata_label == {args.by_class!r}"
   return config

@@ -25,6 +25,16 @@ def _launch(*args, tmp_path):
     (["--config=configs/demo.py", "--config.data.crop_size=8"], "config.data.crop_size"),
     (["--config=configs/demo.py", "--config.data.fov_window=-1"], "config.data.fov_window"),
     (["--config=configs/cellsighter.py:members=x"], "members"),
+    # Library checks, named by the config key that set the value, before any work.
+    (["--config=configs/demo.py", "--config.augment.blur_ksize=2"], "config.augment.blur_ksize"),
+    (["--config=configs/demo.py", "--config.data.synthetic.spillover=1.5"],
+     "config.data.synthetic.spillover"),
+    (["--config=configs/demo.py", "--config.model.width=-1.0"], "config.model.width"),
+    (["--config=configs/cellsighter.py:runlocal", "--config.simulate.fractions=0.5,x"],
+     "config.simulate.fractions"),
+    (["--config=configs/cellsighter.py:runlocal", "--config.confidence.thresholds=a"],
+     "config.confidence.thresholds"),
+    (["--config=configs/embed.py"], "config.data.store"),
     (["--config=configs/nope.py"], "nope.py"),
 ])
 def test_bad_config_is_one_line_and_exit_2(args, needle, tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import tifffile
 
+from cellrep.config_util import comma_list
 from cellrep.errors import InputError
 
 Labels = dict[int, "str | None"]
@@ -152,9 +153,9 @@ def names(value) -> list[str] | None:
   """A list of names from a comma-separated string or a sequence; None when empty."""
   if value is None:
     return None
-  parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-  parts = [p.strip() for p in parts if p.strip()]
-  return parts or None
+  if isinstance(value, str):
+    return comma_list(value) or None
+  return [str(v).strip() for v in value if str(v).strip()] or None
 
 
 def by_stem(folder: pathlib.Path, suffixes: Sequence[str]) -> dict[str, pathlib.Path]:

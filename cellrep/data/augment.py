@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 # OpenCV's getGaussianKernel uses these fixed kernels when sigma <= 0 and ksize <= 7.
 _CV2_SMALL_GAUSSIAN = {
@@ -132,21 +132,21 @@ class AugmentConfig:
     for name in ("dilate_p", "shift_apply_p", "shift_p", "flip_p"):
       p = getattr(self, name)
       if not 0.0 <= p <= 1.0:
-        raise ConfigError(f"augment.{name}", f"is {p}", "a probability in [0, 1]")
+        raise BadValue(name, f"is {p}", "a probability in [0, 1]")
     if self.blur_ksize < 1 or self.blur_ksize % 2 == 0:
-      raise ConfigError("augment.blur_ksize", f"is {self.blur_ksize}", "an odd number >= 1")
+      raise BadValue("blur_ksize", f"is {self.blur_ksize}", "an odd number >= 1")
     if not self.dilate_kernels or min(self.dilate_kernels) < 1:
-      raise ConfigError("augment.dilate_kernels", f"is {self.dilate_kernels}",
+      raise BadValue("dilate_kernels", f"is {self.dilate_kernels}",
                         "a non-empty tuple of sizes >= 1")
     if self.dilate_footprint not in _FOOTPRINTS:
-      raise ConfigError("augment.dilate_footprint", f"is {self.dilate_footprint!r}",
+      raise BadValue("dilate_footprint", f"is {self.dilate_footprint!r}",
                         f"one of {_FOOTPRINTS}")
     # exp(-rate) must not underflow float32 in the exact branch.
     if not 0.0 <= self.poisson_exact_below <= 80.0:
-      raise ConfigError("augment.poisson_exact_below", f"is {self.poisson_exact_below}",
+      raise BadValue("poisson_exact_below", f"is {self.poisson_exact_below}",
                         "a rate in [0, 80]")
     if self.shift_max < 0:
-      raise ConfigError("augment.shift_max", f"is {self.shift_max}", "an integer >= 0")
+      raise BadValue("shift_max", f"is {self.shift_max}", "an integer >= 0")
 
 
 def center_start(size: int, crop: int) -> int:

@@ -35,7 +35,7 @@ import numpy as np
 from cellrep.data import _ingest_io as raw
 from cellrep.data._ingest_io import Labels, read_channels_file, read_labels_table  # noqa: F401
 from cellrep.data.store import Store, StoreWriter
-from cellrep.errors import ConfigError, InputError
+from cellrep.errors import BadValue, InputError
 
 FORMATS = ("tiff_folder", "cellsighter")
 _TIFF = (".tif", ".tiff")
@@ -303,12 +303,12 @@ def ingest(cfg: Mapping, out=None) -> Store:
   get = lambda key, default=None: cfg.get(key, default)  # noqa: E731
   fmt = get("format", "tiff_folder")
   if fmt not in FORMATS:
-    raise ConfigError("ingest.format", f"{fmt!r} is not a known format", f"one of {list(FORMATS)}")
+    raise BadValue("format", f"{fmt!r} is not a known format", f"one of {list(FORMATS)}")
   if not get("input"):
-    raise ConfigError("ingest.input", "not set", "the folder to ingest (--config.ingest.input=DIR)")
+    raise BadValue("input", "not set", "the folder to ingest (--config.ingest.input=DIR)")
   out = out or get("output")
   if not out:
-    raise ConfigError("ingest.output", "not set", "the store directory to write")
+    raise BadValue("output", "not set", "the store directory to write")
   common = dict(fovs=get("fovs"), overwrite=bool(get("overwrite", False)),
                 chunk_size=int(get("chunk_size", 64)))
   if fmt == "cellsighter":

@@ -25,14 +25,14 @@ import numpy as np
 
 from cellrep.data.crops import NUM_MASK_CHANNELS
 from cellrep.data.store import Store
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 METHODS = ("none", "p99", "anscombe")
 
 
 def check_method(method: str) -> None:
   if method not in METHODS:
-    raise ConfigError("data.normalize", f"{method!r} is not a known method", f"one of {list(METHODS)}")
+    raise BadValue("normalize", f"{method!r} is not a known method", f"one of {list(METHODS)}")
 
 
 def channel_percentiles(store: Store, q: float = 99.0, max_pixels: int = 2_000_000,

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 BALANCE = ("none", "class", "hierarchy")
 
@@ -29,10 +29,10 @@ def split_fovs(fovs: Sequence[str], val_fovs: Sequence[str] = (), val_fraction: 
   or, when there are none, the training FOVs themselves.
   """
   fovs = list(fovs)
-  for key, chosen in (("data.train_fovs", train_fovs), ("data.val_fovs", val_fovs)):
+  for key, chosen in (("train_fovs", train_fovs), ("val_fovs", val_fovs)):
     unknown = sorted(set(chosen) - set(fovs))
     if unknown:
-      raise ConfigError(key, f"unknown FOVs {unknown}", f"names among {fovs[:20]}")
+      raise BadValue(key, f"unknown FOVs {unknown}", f"names among {fovs[:20]}")
   if train_fovs:
     train = [f for f in fovs if f in set(train_fovs)]
     return train, [f for f in fovs if f in set(val_fovs)] or [f for f in fovs if f not in train] or train
@@ -46,7 +46,7 @@ def split_fovs(fovs: Sequence[str], val_fovs: Sequence[str] = (), val_fraction: 
     val = [fovs[i] for i in sorted(order[:n_val])]
   train = [f for f in fovs if f not in set(val)]
   if not train:
-    raise ConfigError("data.val_fovs", "every FOV is held out", "at least one training FOV")
+    raise BadValue("val_fovs", "every FOV is held out", "at least one training FOV")
   return train, val
 
 
@@ -58,11 +58,11 @@ def parse_hierarchy(text: str, classes: Sequence[str]) -> dict[int, str] | None:
   for part in filter(None, (p.strip() for p in text.split(";"))):
     name, eq, category = part.partition("=")
     if not eq:
-      raise ConfigError("data.hierarchy", f"{part!r} has no '='", "'class=category;...'")
+      raise BadValue("hierarchy", f"{part!r} has no '='", "'class=category;...'")
     mapping[name.strip()] = category.strip()
   missing = [c for c in classes if c not in mapping]
   if missing:
-    raise ConfigError("data.hierarchy", f"classes without a category: {missing}", "every class mapped")
+    raise BadValue("hierarchy", f"classes without a category: {missing}", "every class mapped")
   return {i: mapping[c] for i, c in enumerate(classes)}
 
 
@@ -93,13 +93,13 @@ def sample_weights(labels: np.ndarray, balance: str = "class",
     return np.ones(len(labels))
   if balance == "hierarchy":
     if not categories:
-      raise ConfigError("data.hierarchy", "balance='hierarchy' needs a class → category map",
+      raise BadValue("hierarchy", "balance='hierarchy' needs a class → category map",
                         "a mapping of every class name to a category")
     keys = np.array([categories[int(c)] for c in labels])
   elif balance == "class":
     keys = labels
   else:
-    raise ConfigError("data.balance", f"{balance!r} is not a known choice", f"one of {list(BALANCE)}")
+    raise BadValue("balance", f"{balance!r} is not a known choice", f"one of {list(BALANCE)}")
   _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
   return len(labels) / counts[inverse]
 

@@ -32,6 +32,7 @@ import pandas as pd
 import tensorstore as ts
 
 from cellrep.errors import InputError
+from cellrep.files import read_json
 
 FORMAT_VERSION = 1
 _META = "store.json"
@@ -302,8 +303,5 @@ def open_store(path, cache_bytes: int = 256 << 20) -> Store:
   for part in (_CELLS, _IMAGES, _MASKS):
     if not (path / part).exists():
       raise InputError(path / part, "missing", "a complete cellrep store")
-  try:
-    d = json.loads(meta_path.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(meta_path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  d = read_json(meta_path, "a cellrep store written by `cellrep.data.ingest`")
   return Store(path, StoreMeta.from_json(d, meta_path), cache_bytes)

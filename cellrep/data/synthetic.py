@@ -41,7 +41,7 @@ from scipy import ndimage, spatial
 
 from cellrep.data import _synthetic_panel as panel
 from cellrep.data.store import Store, StoreWriter
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 _LLOYD_ITERATIONS = 4
 _CANDIDATES = 6            # nearest centres that compete for a pixel
@@ -83,7 +83,7 @@ class SyntheticConfig:
   def __post_init__(self):
     def need(ok, field, expected):
       if not ok:
-        raise ConfigError(f"data.synthetic.{field}", f"got {getattr(self, field)!r}", expected)
+        raise BadValue(field, f"got {getattr(self, field)!r}", expected)
     need(self.n_fovs >= 1, "n_fovs", ">= 1")
     need(self.fov_size >= 4 * self.cell_radius, "fov_size", ">= 4 x cell_radius")
     need(1 <= self.n_classes <= len(panel.CLASSES), "n_classes", f"1..{len(panel.CLASSES)}")
@@ -113,7 +113,7 @@ def from_config(cfg: Mapping) -> SyntheticConfig:
   keys = list(cfg.keys())
   unknown = sorted(set(keys) - names)
   if unknown:
-    raise ConfigError(f"data.synthetic.{unknown[0]}", "unknown field", f"one of {sorted(names)}")
+    raise BadValue(f"{unknown[0]}", "unknown field", f"one of {sorted(names)}")
   return SyntheticConfig(**{k: cfg[k] for k in keys})
 
 

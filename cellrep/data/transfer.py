@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from cellrep.data.crops import NUM_MASK_CHANNELS
-from cellrep.errors import ConfigError, InputError
+from cellrep.errors import BadValue, InputError
 
 
 def _key(name: str) -> str:
@@ -35,7 +35,7 @@ def parse_renames(text: str) -> dict[str, str]:
   for part in filter(None, (p.strip() for p in text.split(";"))):
     trained, eq, other = part.partition("=")
     if not eq or not trained.strip() or not other.strip():
-      raise ConfigError("transfer.renames", f"{part!r} is not 'trained=store'",
+      raise BadValue("renames", f"{part!r} is not 'trained=store'",
                         "'PanKeratin=PanCK;...'")
     out[trained.strip()] = other.strip()
   return out
@@ -81,7 +81,7 @@ def map_channels(trained: Sequence[str], available: Sequence[str], *, min_overla
   renames = dict(renames or {})
   unknown = sorted(set(renames) - set(trained))
   if unknown:
-    raise ConfigError("transfer.renames", f"{unknown} are not channels of the model",
+    raise BadValue("renames", f"{unknown} are not channels of the model",
                       f"names among {list(trained)}")
   exact = {c: i for i, c in enumerate(available)}
   loose: dict[str, list[int]] = {}
@@ -104,8 +104,8 @@ def map_channels(trained: Sequence[str], available: Sequence[str], *, min_overla
   if cmap.overlap < min_overlap:
     raise InputError(where, f"has {len(trained) - len(cmap.missing)} of the model's {len(trained)} "
                      f"channels ({cmap.overlap:.0%}); missing {list(cmap.missing)}",
-                     f"at least {min_overlap:.0%} of them (transfer.min_overlap), or "
-                     "transfer.renames for renamed markers")
+                     f"at least {min_overlap:.0%} of them (the minimum overlap), or renames "
+                     "of the markers named otherwise")
   if cmap.missing:
     logging.warning("%s lacks %d of the model's channels, fed as zeros: %s", where,
                     len(cmap.missing), ", ".join(cmap.missing))

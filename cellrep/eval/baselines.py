@@ -26,7 +26,7 @@ from cellrep.data.crops import CELL_CHANNEL, NUM_MASK_CHANNELS
 from cellrep.data.expression import expression_matrix
 from cellrep.data.sampling import sample_weights
 from cellrep.data.store import Store
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 from cellrep.infer.predict import predictions_table
 
 BALANCE = ("none", "class", "hierarchy")
@@ -34,7 +34,7 @@ BALANCE = ("none", "class", "hierarchy")
 
 def arcsinh(means: np.ndarray, cofactor: float) -> np.ndarray:
   if cofactor <= 0:
-    raise ConfigError("baseline.cofactor", f"{cofactor}", "a positive cofactor")
+    raise BadValue("cofactor", f"{cofactor}", "a positive cofactor")
   return np.arcsinh(np.asarray(means, np.float64) / cofactor)
 
 
@@ -94,7 +94,7 @@ def fit_xgboost(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   import xgboost  # imported here: only this baseline needs it
 
   if balance not in BALANCE:
-    raise ConfigError("baseline.balance", f"{balance!r} is not a known choice",
+    raise BadValue("balance", f"{balance!r} is not a known choice",
                       f"one of {list(BALANCE)}")
   labels = np.asarray(labels)
   present = np.unique(labels)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cellrep.errors import ConfigError  # noqa: E402
+from cellrep.errors import BadValue  # noqa: E402
 from cellrep.eval.report import Report  # noqa: E402
 
 
@@ -25,9 +25,9 @@ def sizes_to_run(text: str, class_counts: np.ndarray) -> list[int]:
   try:
     sizes = sorted({int(t) for t in text.split(",") if t.strip()})
   except ValueError:
-    raise ConfigError("learning_curve.sizes", f"{text!r}", "comma-separated cell counts") from None
+    raise BadValue("sizes", f"{text!r}", "comma-separated cell counts") from None
   if not sizes or sizes[0] < 1:
-    raise ConfigError("learning_curve.sizes", f"{text!r}", "positive cell counts")
+    raise BadValue("sizes", f"{text!r}", "positive cell counts")
   largest = int(np.max(class_counts)) if len(class_counts) else 0
   kept = [n for n in sizes if n < largest]
   return kept + [n for n in sizes if n >= largest][:1]

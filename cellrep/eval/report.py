@@ -24,6 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cellrep.files import write_text  # noqa: E402
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -32,23 +34,6 @@ th { background: #f3f3f3; }
 img { max-width: 100%; margin: 0.5em 0; }
 .kv td:first-child { text-align: left; font-weight: 600; }
 """
-
-
-def atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
-def write_table(df: pd.DataFrame, path: pathlib.Path) -> None:
-  """Writes `df` as parquet or CSV (by `path`'s suffix), atomically, without the index."""
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp")
-  if path.suffix == ".csv":
-    df.to_csv(tmp, index=False)
-  else:
-    df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)
 
 
 def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
@@ -93,7 +78,7 @@ class Report:
             f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>\n"
             f"{body}\n</body></html>\n")
     out = self.dir / "index.html"
-    atomic_write_text(out, page)
+    write_text(out, page)
     return out
 
 

@@ -44,7 +44,7 @@ import pandas as pd  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from cellrep.data.crops import CELL_CHANNEL  # noqa: E402
-from cellrep.errors import ConfigError  # noqa: E402
+from cellrep.errors import BadValue  # noqa: E402
 from cellrep.eval.report import Report  # noqa: E402
 
 EXPERIMENTS = ("control", "spillover_patch", "membrane_fraction", "moving_patch")
@@ -73,26 +73,19 @@ class SimulationConfig:
     for name in ("border_distances", "fractions", "centre_distances"):
       object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
     if not all(0 < f <= 1 for f in self.fractions):
-      raise ConfigError("simulate.fractions", f"{self.fractions}", "fractions in (0, 1]")
+      raise BadValue("fractions", f"{self.fractions}", "fractions in (0, 1]")
     for name in ("membrane_width", "patch_radius"):
       if getattr(self, name) <= 0:
-        raise ConfigError(f"simulate.{name}", f"{getattr(self, name)}", "a positive distance in pixels")
+        raise BadValue(name, f"{getattr(self, name)}", "a positive distance in pixels")
     if self.cells < 1 or self.repeats < 1:
-      raise ConfigError("simulate.cells", f"cells {self.cells}, repeats {self.repeats}", "≥ 1 each")
-
-
-def parse_floats(text: str, key: str) -> tuple[float, ...]:
-  try:
-    return tuple(float(t) for t in text.split(",") if t.strip())
-  except ValueError:
-    raise ConfigError(key, f"{text!r} is not a list of numbers", "comma-separated numbers") from None
+      raise BadValue("cells", f"cells {self.cells}, repeats {self.repeats}", "≥ 1 each")
 
 
 def check_names(cfg: SimulationConfig, classes: Sequence[str], channels: Sequence[str]) -> None:
   for key, name, among in (("class_a", cfg.class_a, classes), ("class_b", cfg.class_b, classes),
                            ("marker_a", cfg.marker_a, channels), ("marker_b", cfg.marker_b, channels)):
     if name not in among:
-      raise ConfigError(f"simulate.{key}", f"{name!r} is not known", f"one of {list(among)}")
+      raise BadValue(key, f"{name!r} is not known", f"one of {list(among)}")
 
 
 # ---------------------------------------------------------------- geometry and rewriting
@@ -222,8 +215,8 @@ def typical_total(means: np.ndarray, area: np.ndarray, labels: np.ndarray, cls: 
   """Median total count (mean in mask x area) of a marker over the cells of class `cls`."""
   rows = labels == cls
   if not rows.any():
-    raise ConfigError("simulate", f"no labelled cells of class {cls} to take a typical level from",
-                      "cells of classes A and B, or explicit simulate.lambda_a / lambda_b")
+    raise BadValue("lambda", f"no labelled cells of class {cls} to take a typical level from",
+                   "training cells of the class, or an explicit level")
   return float(np.nanmedian(means[rows] * area[rows]))
 
 

@@ -34,6 +34,7 @@ from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
 from cellrep.data.pipeline import data_sharding, eval_batches
 from cellrep.data.store import Store
 from cellrep.errors import BadValue, InputError
+from cellrep.files import read_json, write_text
 from cellrep.infer.predict import make_predict_fn, predict
 from cellrep.ops import policy as policy_lib
 from cellrep.train import objectives
@@ -166,25 +167,11 @@ def write_model_json(workdir, *, spec: dict, members: int, objective, classes, c
                      steps_per_epoch: int) -> None:
   """model.json: everything `load` needs besides the checkpoint (written under a temporary
   name, then renamed)."""
-  path = pathlib.Path(workdir) / MODEL_JSON
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps({
+  write_text(pathlib.Path(workdir) / MODEL_JSON, json.dumps({
       "model": dict(spec), "members": int(members), "objective": objectives.to_dict(objective),
       "classes": list(classes), "channels": list(channels), "input_size": int(input_size),
       "crop_size": int(crop_size), "normalize": normalize, "store": str(store),
       "num_steps": int(num_steps), "steps_per_epoch": int(steps_per_epoch)}, indent=1))
-  tmp.replace(path)
-
-
-def read_json(path, what: str) -> dict:
-  """The JSON object in `path`; InputError naming the file when it is missing or not JSON."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise InputError(path, "missing", what)
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _spec_and_members(workdir: pathlib.Path, meta: dict) -> tuple[dict, int]:

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cellrep.ops.policy import CONV_IMPLS as IMPLS, resolve_conv_impl
+from cellrep.ops.policy import resolve_conv_impl
 
 Padding = str | Sequence[tuple[int, int]]
 

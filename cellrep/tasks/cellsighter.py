@@ -45,7 +45,8 @@ from cellrep.data.expression import expression_matrix
 from cellrep.data.sampling import cap_per_class, parse_hierarchy
 from cellrep.data.store import Store, open_store
 from cellrep.eval import baselines, classification, learning_curve, saliency, simulate
-from cellrep.eval.report import Report, write_table
+from cellrep.eval.report import Report
+from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.tasks import classify, predict
 
@@ -109,15 +110,17 @@ class _Analyses:
 
   @property
   def features(self) -> np.ndarray:
-    return baselines.features_from_means(self.means, self.config.baseline.cofactor)
+    with config_util.config_keys("baseline"):
+      return baselines.features_from_means(self.means, self.config.baseline.cofactor)
 
   def fit_xgboost(self, train_idx: np.ndarray) -> baselines.XGBoost:
     b, plan = self.config.baseline, self.plan
-    return baselines.fit_xgboost(
-        self.features[train_idx], plan.labels[train_idx], len(plan.classes),
-        n_estimators=b.n_estimators, max_depth=b.max_depth, learning_rate=b.learning_rate,
-        balance=b.balance, categories=parse_hierarchy(self.config.data.hierarchy, plan.classes),
-        seed=self.config.seed)
+    with config_util.config_keys("baseline", hierarchy="data.hierarchy"):
+      return baselines.fit_xgboost(
+          self.features[train_idx], plan.labels[train_idx], len(plan.classes),
+          n_estimators=b.n_estimators, max_depth=b.max_depth, learning_rate=b.learning_rate,
+          balance=b.balance, categories=parse_hierarchy(self.config.data.hierarchy, plan.classes),
+          seed=self.config.seed)
 
   @property
   def xgb(self) -> baselines.XGBoost:
@@ -141,7 +144,7 @@ class _Analyses:
     probs = {f"ensemble of {self.trained.members}": result.member_probs[rows].mean(axis=1),
              f"member {member}": result.member_probs[rows, member], "XGBoost": xgb_probs[rows]}
     y_true = plan.labels[result.index[rows]]
-    thresholds = simulate.parse_floats(c.confidence.thresholds, "confidence.thresholds")
+    thresholds = _thresholds(c)
     summary, curves = classification.add_comparison_to_report(self.report, y_true, probs,
                                                               plan.classes, thresholds)
     write_table(summary.rename_axis("model").reset_index(), self.out / "models.csv")
@@ -185,22 +188,18 @@ class _Analyses:
       self.report.heading("Simulations")
       self.report.paragraph("Not run: set simulate.class_a, marker_a, class_b and marker_b.")
       return {}
-    cfg = simulate.SimulationConfig(
-        class_a=s.class_a, marker_a=s.marker_a, class_b=s.class_b, marker_b=s.marker_b,
-        lambda_a=s.lambda_a, lambda_b=s.lambda_b, membrane_width=s.membrane_width,
-        patch_radius=s.patch_radius, blur_sigma=s.blur_sigma,
-        border_distances=simulate.parse_floats(s.border_distances, "simulate.border_distances"),
-        fractions=simulate.parse_floats(s.fractions, "simulate.fractions"),
-        centre_distances=simulate.parse_floats(s.centre_distances, "simulate.centre_distances"),
-        cells=s.cells, repeats=s.repeats, seed=s.seed)
+    cfg = _simulation_config(self.config)
     channels = plan.store.meta.channels
-    simulate.check_names(cfg, plan.classes, channels)
+    with config_util.config_keys("simulate"):
+      simulate.check_names(cfg, plan.classes, channels)
     ca, cb = plan.classes.index(cfg.class_a), plan.classes.index(cfg.class_b)
     a, b = channels.index(cfg.marker_a), channels.index(cfg.marker_b)
     train = plan.train_idx
     area = plan.store.cells.area.to_numpy()
-    total_a = simulate.typical_total(self.means[train, a], area[train], plan.labels[train], ca)
-    total_b = simulate.typical_total(self.means[train, b], area[train], plan.labels[train], cb)
+    with config_util.config_keys(**{"lambda": "simulate.lambda_a"}):
+      total_a = simulate.typical_total(self.means[train, a], area[train], plan.labels[train], ca)
+    with config_util.config_keys(**{"lambda": "simulate.lambda_b"}):
+      total_b = simulate.typical_total(self.means[train, b], area[train], plan.labels[train], cb)
     rows = result.index[plan.labels[result.index] == ca]
     rows = np.sort(np.random.default_rng(cfg.seed).permutation(rows)[:cfg.cells])
     if not len(rows):
@@ -230,7 +229,9 @@ class _Analyses:
       self.report.paragraph("Learning curve: no labelled held-out cells.")
       return {}
     runs = []
-    for n in learning_curve.sizes_to_run(lc.sizes, counts[counts > 0]):
+    with config_util.config_keys("learning_curve"):
+      sizes = learning_curve.sizes_to_run(lc.sizes, counts[counts > 0])
+    for n in sizes:
       for r in range(lc.repeats):
         sub = copy.deepcopy(self.config)
         sub.seed = self.config.seed + r
@@ -268,11 +269,12 @@ class _Analyses:
       target = _synthetic_target(self.config, self.workdir)
     else:
       target = open_store(t.store)
-    stats = predict.predict_and_report(
-        self.trained, target, None, self.workdir / "transfer", self.report,
-        batch_size=self.config.predict.batch_size, threads=self.config.data.threads,
-        min_overlap=t.min_overlap, renames=t.renames, csv=self.config.predict.cellsighter_csv,
-        title=f"Transfer to {target.path}", prefix="transfer_")
+    with config_util.config_keys("transfer"):
+      stats = predict.predict_and_report(
+          self.trained, target, None, self.workdir / "transfer", self.report,
+          batch_size=self.config.predict.batch_size, threads=self.config.data.threads,
+          min_overlap=t.min_overlap, renames=t.renames, csv=self.config.predict.cellsighter_csv,
+          title=f"Transfer to {target.path}", prefix="transfer_")
     return {f"transfer/{k}": v for k, v in stats.items()}
 
 
@@ -284,7 +286,7 @@ def _synthetic_target(config, workdir: pathlib.Path) -> Store:
     cfg = dataclasses.replace(synthetic.from_config(config.data.synthetic),
                               seed=config.data.synthetic.seed + 1)
     tissue = synthetic.generate(cfg)
-    dropped = set(classify.names(config.transfer.drop_channels))
+    dropped = set(config_util.comma_list(config.transfer.drop_channels))
     keep = [k for k, c in enumerate(tissue.channels) if c not in dropped][::-1]
     tissue = dataclasses.replace(tissue, channels=tuple(tissue.channels[k] for k in keep),
                                  images=[image[keep] for image in tissue.images])
@@ -293,8 +295,35 @@ def _synthetic_target(config, workdir: pathlib.Path) -> Store:
   return classify.derived_store(workdir, "transfer_store", settings, "transfer", make)
 
 
+def _thresholds(config) -> list[float]:
+  with config_util.config_keys():
+    return config_util.comma_list(config.confidence.thresholds, float,
+                                  field="confidence.thresholds")
+
+
+def _simulation_config(config) -> simulate.SimulationConfig:
+  s = config.simulate
+  with config_util.config_keys("simulate"):
+    floats = lambda name: config_util.comma_list(s[name], float, field=name)
+    return simulate.SimulationConfig(
+        class_a=s.class_a, marker_a=s.marker_a, class_b=s.class_b, marker_b=s.marker_b,
+        lambda_a=s.lambda_a, lambda_b=s.lambda_b, membrane_width=s.membrane_width,
+        patch_radius=s.patch_radius, blur_sigma=s.blur_sigma,
+        border_distances=floats("border_distances"), fractions=floats("fractions"),
+        centre_distances=floats("centre_distances"), cells=s.cells, repeats=s.repeats,
+        seed=s.seed)
+
+
 def _check(config) -> None:
+  """Every value the analyses will read, before the ensemble trains."""
   c, check = config, config_util.check
+  _thresholds(c)
+  if c.simulate.enabled and c.simulate.class_a and c.simulate.marker_a and c.simulate.class_b \
+      and c.simulate.marker_b:
+    _simulation_config(c)
+  if c.learning_curve.enabled:
+    with config_util.config_keys("learning_curve"):
+      learning_curve.sizes_to_run(c.learning_curve.sizes, np.array([1]))
   config_util.check_choice(c, "baseline.balance", baselines.BALANCE)
   config_util.check_choice(c, "saliency.method", saliency.METHODS)
   check(c.baseline.cofactor > 0, "baseline.cofactor", f"{c.baseline.cofactor}", "a positive cofactor")

@@ -20,12 +20,12 @@ the config file's folder, then that folder itself when it holds CellTypes/.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from absl import logging
 
 from cellrep.errors import InputError
+from cellrep.files import read_json
 
 _USED = {"root_dir", "channels_path", "train_set", "val_set", "crop_size", "crop_input_size",
          "num_classes", "epoch_max", "lr", "blacklist", "sample_batch", "hierarchy_match",
@@ -51,12 +51,7 @@ def _names(values, path, key) -> str:
 
 def read(path) -> dict:
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise InputError(path, "missing", "a CellSighter config.json")
-  try:
-    cs = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise InputError(path, f"not valid JSON ({e.msg} at line {e.lineno})") from None
+  cs = read_json(path, "a CellSighter config.json")
   if not isinstance(cs, dict):
     raise InputError(path, "not a JSON object", "CellSighter's config.json")
   for key in ("root_dir", "train_set", "val_set"):

@@ -36,7 +36,8 @@ from absl import logging
 from clu import parameter_overview
 from ml_collections import config_dict
 
-from cellrep import config_util
+from cellrep import config_util, files
+from cellrep.config_util import comma_list
 from cellrep.data import augment as augment_lib
 from cellrep.data import gating, ingest, normalize as normalize_lib, synthetic
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
@@ -46,7 +47,8 @@ from cellrep.data.sampling import (BALANCE, EpochSampler, cap_per_class, parse_h
 from cellrep.data.store import Store, open_store
 from cellrep.errors import ConfigError
 from cellrep.eval import classification
-from cellrep.eval.report import Report, write_table
+from cellrep.eval.report import Report
+from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
 from cellrep import models
@@ -121,11 +123,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def names(text: str) -> list[str]:
-  """"a, b,c" -> ["a", "b", "c"]."""
-  return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def validate(config) -> None:
   c, check = config, config_util.check
   config_util.check_choice(c, "data.source", SOURCES)
@@ -149,6 +146,12 @@ def validate(config) -> None:
         "0 (all cells shuffled together) or a number of FOVs shuffled together")
   with config_util.config_keys("model"):  # the model checks its own arguments
     models.build(c.model, num_classes=1)
+  with config_util.config_keys("augment"):
+    augment_lib.AugmentConfig(**c.augment.to_dict())
+  if c.data.source == "synthetic":
+    with config_util.config_keys("data.synthetic"):
+      synthetic.from_config(c.data.synthetic)
+  run_policy(c)
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
   check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
   check(c.train.steps > 0 or c.train.epochs > 0, "train.steps", "neither steps nor epochs is set",
@@ -184,12 +187,14 @@ def open_run_store(config, workdir: pathlib.Path) -> Store:
   d = config.data
   if d.source == "synthetic":
     def make(path):
-      cfg = synthetic.from_config(d.synthetic)
+      with config_util.config_keys("data.synthetic"):
+        cfg = synthetic.from_config(d.synthetic)
       logging.info("generating synthetic tissue: %s", cfg)
       return synthetic.write_store(synthetic.generate(cfg), path, chunk_size=d.chunk_size)
     store = derived_store(workdir, "store", d.synthetic.to_dict(), "data.synthetic", make)
   elif d.source == "cellsighter":
-    settings = dict(d.cellsighter.to_dict(), fovs=names(d.train_fovs) + names(d.val_fovs))
+    settings = dict(d.cellsighter.to_dict(),
+                    fovs=comma_list(d.train_fovs) + comma_list(d.val_fovs))
 
     def make(path):
       logging.info("ingesting CellSighter folder %s", d.cellsighter.root)
@@ -256,9 +261,11 @@ def prepare(config, workdir) -> Plan:
     raise ConfigError("data.store", f"{store.path} has no labelled cells", "a store with labels")
   labels = store.label_ids()
   fov_names = store.cells.fov_name.to_numpy()
-  train_fovs, val_fovs = split_fovs(store.meta.fovs, names(config.data.val_fovs),
-                                    config.data.val_fraction, config.seed,
-                                    train_fovs=names(config.data.train_fovs))
+  with config_util.config_keys("data"):
+    train_fovs, val_fovs = split_fovs(store.meta.fovs, comma_list(config.data.val_fovs),
+                                      config.data.val_fraction, config.seed,
+                                      train_fovs=comma_list(config.data.train_fovs))
+    scales = normalize_lib.store_scales(store, config.data.normalize)
   train_idx = np.flatnonzero(np.isin(fov_names, train_fovs) & (labels >= 0))
   train_idx = cap_per_class(train_idx, labels, config.data.max_per_class, config.seed)
   val_idx = np.flatnonzero(np.isin(fov_names, val_fovs))
@@ -268,7 +275,7 @@ def prepare(config, workdir) -> Plan:
   logging.info("%d training cells (%s), %d held-out cells (%s), %d steps", len(train_idx),
                ",".join(train_fovs), len(val_idx), ",".join(val_fovs), num_steps)
   return Plan(store, classes, labels, train_fovs, val_fovs, train_idx, val_idx, num_steps,
-              steps_per_epoch, normalize_lib.store_scales(store, config.data.normalize))
+              steps_per_epoch, scales)
 
 
 # ---------------------------------------------------------------- training
@@ -290,12 +297,13 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   workdir.mkdir(parents=True, exist_ok=True)
   store, batch_size, num_steps = plan.store, config.train.batch_size, plan.num_steps
   input_size, channels = config.data.input_size, store.meta.channels
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  files.write_text(workdir / "config.json", config.to_json_best_effort(indent=1))
 
   source = CropSource(store, config.data.crop_size)
-  weights = (None if config.data.balance == "none" else
-             sample_weights(plan.labels[plan.train_idx], config.data.balance,
-                            parse_hierarchy(config.data.hierarchy, plan.classes)))
+  with config_util.config_keys("data"):
+    weights = (None if config.data.balance == "none" else
+               sample_weights(plan.labels[plan.train_idx], config.data.balance,
+                              parse_hierarchy(config.data.hierarchy, plan.classes)))
   sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights,
                          fovs=store.cells.fov.to_numpy()[plan.train_idx],
                          fov_window=config.data.fov_window)
@@ -337,7 +345,8 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
                parameter_overview.get_parameter_overview(
                    jax.tree.map(lambda x: x[0], state.params), include_stats=False))
 
-  aug_cfg = augment_lib.AugmentConfig(**config.augment.to_dict())
+  with config_util.config_keys("augment"):
+    aug_cfg = augment_lib.AugmentConfig(**config.augment.to_dict())
   augment = functools.partial(augment_lib.augment, input_size=input_size, cfg=aug_cfg)
   if config.data.normalize == "none":
     preprocess = augment

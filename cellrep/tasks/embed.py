@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from ml_collections import config_dict
 
-from cellrep import config_util, models
+from cellrep import config_util, files, models
 from cellrep.data import normalize as normalize_lib
 from cellrep.data.store import Store, open_store
 from cellrep.data.transfer import parse_renames
@@ -159,7 +159,7 @@ def identity_columns(cells: pd.DataFrame) -> pd.DataFrame:
 def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names) -> int:
   """Writes the (row indices, features) chunks as one parquet file, a row group per chunk,
   under a temporary name renamed at the end. Returns the rows written."""
-  tmp = path.with_name(f".{path.name}.tmp")
+  tmp = files.temporary(path)
   writer, rows = None, 0
   try:
     for index, features in chunks:
@@ -222,7 +222,7 @@ def run(config, workdir) -> dict:
   trained, store, what = ensemble_and_store(config)
   layers = config_util.comma_list(config.embed.layers)
   rows = _rows(store, config.data.fovs)
-  with config_util.config_keys("embed", capture="embed.layers"):
+  with config_util.config_keys("transfer", capture="embed.layers"):
     e = embed_lib.embedder(trained, store, layers, per_channel=config.embed.per_channel,
                            member=config.embed.member, min_overlap=config.transfer.min_overlap,
                            renames=parse_renames(config.transfer.renames))

@@ -48,13 +48,15 @@ def run(config, workdir: pathlib.Path) -> Store:
     raise InputError(out, "already exists", "a new store path, or --config.ingest.overwrite=true")
   logging.info("ingesting %s (%s) into %s", config.ingest.input, config.ingest.format, out)
   if rules is None:
-    store = ingest.ingest(config.ingest, out=out)
+    with config_util.config_keys("ingest"):
+      store = ingest.ingest(config.ingest, out=out)
   else:
     # Ingest beside the target, gate, and write the labelled store in its place;
     # the unlabelled one never appears at `out`.
     raw = out.parent / f".{out.name}.ungated-{uuid.uuid4().hex[:8]}"
     try:
-      store = ingest.ingest(config.ingest, out=raw)
+      with config_util.config_keys("ingest"):
+        store = ingest.ingest(config.ingest, out=raw)
       store = gating.gate_and_relabel(store, rules, out, percentile=config.gating.percentile,
                                       overwrite=config.ingest.overwrite)
     finally:

@@ -29,7 +29,8 @@ from cellrep import config_util
 from cellrep.data.store import Store, open_store
 from cellrep.data.transfer import parse_renames
 from cellrep.eval import classification
-from cellrep.eval.report import Report, write_table
+from cellrep.eval.report import Report
+from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
 from cellrep.ops.policy import PREDICT_DTYPES
@@ -97,7 +98,7 @@ def run(config, workdir) -> dict:
   trained = trained_lib.load(config.model_dir, dtype=config.predict.dtype)
   logging.info("%s", trained.policy.describe())
   store = open_store(config.data.store)
-  fovs = [f.strip() for f in config.data.fovs.split(",") if f.strip()]
+  fovs = config_util.comma_list(config.data.fovs)
   unknown = sorted(set(fovs) - set(store.meta.fovs))
   config_util.check(not unknown, "data.fovs", f"unknown FOVs {unknown}",
                     f"names among {list(store.meta.fovs)[:20]}")
@@ -106,10 +107,12 @@ def run(config, workdir) -> dict:
   report = Report(workdir / "report", "cellrep: predictions")
   report.key_values({"model": str(config.model_dir), "classes": ", ".join(trained.classes),
                      "members": trained.members})
-  stats = predict_and_report(trained, store, indices, workdir, report,
-                             batch_size=config.predict.batch_size, threads=config.data.threads,
-                             min_overlap=config.transfer.min_overlap, renames=config.transfer.renames,
-                             csv=config.predict.cellsighter_csv, title=f"Predictions of {store.path}")
+  with config_util.config_keys("transfer"):
+    stats = predict_and_report(trained, store, indices, workdir, report,
+                               batch_size=config.predict.batch_size, threads=config.data.threads,
+                               min_overlap=config.transfer.min_overlap,
+                               renames=config.transfer.renames, csv=config.predict.cellsighter_csv,
+                               title=f"Predictions of {store.path}")
   report.write()
   logging.info("predicted %d cells of %s; report: %s", len(indices), store.path,
                workdir / "report" / "index.html")

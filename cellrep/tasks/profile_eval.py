@@ -13,7 +13,6 @@ written under a temporary name and renamed, so none is ever half-written.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import numpy as np
@@ -21,7 +20,9 @@ import pandas as pd
 from absl import logging
 
 from cellrep import config_util
+from cellrep.config_util import comma_list
 from cellrep.errors import InputError
+from cellrep.files import write_table
 from cellrep.eval.report import Report
 from cellrep.profiling import (aggregate, enrichment, retrieval, significance, sphering, strength,
                                sweep, synthetic, tables)
@@ -29,10 +30,6 @@ from cellrep.profiling import (aggregate, enrichment, retrieval, significance, s
 REFERENCE = "Metadata_reference_index"
 # The plate of every well when columns.plate is "" (data without plates, such as tissue).
 ONE_PLATE = "Metadata_one_plate"
-
-
-def _list(text: str) -> list[str]:
-  return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def _check(config) -> None:
@@ -53,11 +50,8 @@ def _check(config) -> None:
                     "a fraction in (0, 1/3]")
   config_util.check(config.retrieval.memory_budget_mb > 0, "retrieval.memory_budget_mb",
                     f"{config.retrieval.memory_budget_mb}", "a positive number of MiB")
-  try:
-    [float(v) for v in _list(config.sphering.sweep)]
-  except ValueError:
-    raise config_util.ConfigError("sphering.sweep", f"{config.sphering.sweep!r}",
-                                  "comma-separated numbers") from None
+  with config_util.config_keys("sphering"):
+    comma_list(config.sphering.sweep, float, field="sweep")
 
 
 def read_profiles(path) -> pd.DataFrame:
@@ -68,12 +62,6 @@ def read_profiles(path) -> pd.DataFrame:
     return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
   except Exception as e:  # pyarrow and pandas raise many types for unreadable files
     raise InputError(path, f"cannot be read: {e}", "a parquet or CSV table") from None
-
-
-def write_parquet(df: pd.DataFrame, path: pathlib.Path) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  df.to_parquet(tmp, index=False)
-  os.replace(tmp, path)
 
 
 def load_wells(config, workdir: pathlib.Path) -> tuple[pd.DataFrame, str]:
@@ -94,11 +82,12 @@ def _wells(config) -> tuple[pd.DataFrame, str]:
   df = read_profiles(config.input)
   c = config.columns
   if config.level == "cell":
-    levels = aggregate.aggregate_levels(df, _list(c.site), _list(c.well), _list(c.well),
+    well = comma_list(c.well)
+    levels = aggregate.aggregate_levels(df, comma_list(c.site), well, well,
                                         source=source)
     df = levels["well"]
   elif config.level == "site":
-    df = aggregate.aggregate(df, _list(c.well), "mean", source=source)
+    df = aggregate.aggregate(df, comma_list(c.well), "mean", source=source)
   return df, source
 
 
@@ -130,8 +119,8 @@ def run(config, workdir: pathlib.Path) -> dict:
   ap = ap[~controls].reset_index(drop=True)
   maps = significance.mean_average_precision(ap, [c.treatment], r.null_size, r.threshold,
                                              r.seed, null_method=r.null_method, source=source)
-  write_parquet(ap.drop(columns=[REFERENCE]), workdir / "ap.parquet")
-  write_parquet(maps.drop(columns=["indices"]), workdir / "map.parquet")
+  write_table(ap.drop(columns=[REFERENCE]), workdir / "ap.parquet")
+  write_table(maps.drop(columns=["indices"]), workdir / "map.parquet")
   summary = {"wells": len(wells), "control wells": int(controls.sum()),
              "treatments": int(maps.shape[0]), "features": len(features),
              "sphering": s.method, "λ": reg if isinstance(reg, str) else float(reg),
@@ -155,9 +144,9 @@ def run(config, workdir: pathlib.Path) -> dict:
                                                   source=source)
     enrich = enrichment.enrichment(t_meta, t_x, c.moa, r.percentile, r.distance, r.moa_sep,
                                    source=source)
-    write_parquet(moa_ap, workdir / "moa_ap.parquet")
-    write_parquet(moa_map.drop(columns=["indices"]), workdir / "moa_map.parquet")
-    write_parquet(enrich, workdir / "enrichment.parquet")
+    write_table(moa_ap, workdir / "moa_ap.parquet")
+    write_table(moa_map.drop(columns=["indices"]), workdir / "moa_map.parquet")
+    write_table(enrich, workdir / "enrichment.parquet")
     summary.update({
         "MoA mAP (mean over MoAs)": float(moa_map.mean_average_precision.mean()),
         "MoA interpolated mAP (paper)": float(moa_ap.interpolated_average_precision.mean()),
@@ -165,16 +154,16 @@ def run(config, workdir: pathlib.Path) -> dict:
 
   strong = strength.treatment_strength(wells.drop(columns=[REFERENCE]), controls, c.treatment,
                                        plate, r.strength_fraction, source=source)
-  write_parquet(strong, workdir / "strength.parquet")
+  write_table(strong, workdir / "strength.parquet")
 
-  regs = [float(v) for v in _list(s.sweep)] if s.method != "none" else []
+  regs = comma_list(s.sweep, float) if s.method != "none" else []
   lam = None
   if regs:
     raw, _ = load_wells(config, workdir)
     raw[REFERENCE] = np.where(controls, np.arange(len(raw)), -1)
     lam = sweep.lambda_sweep(raw, controls, regs, *activity_rules, method=s.method, by=by,
                              distance=r.distance, source=source)
-    write_parquet(lam, workdir / "lambda_sweep.parquet")
+    write_table(lam, workdir / "lambda_sweep.parquet")
   _report(workdir, summary, maps, moa_map, lam, strong)
   logging.info("profile_eval: %s", summary)
   return summary

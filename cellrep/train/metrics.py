@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 
 import jax
 import numpy as np
+
+from cellrep.files import write_text
 
 
 def _plain(v):
@@ -41,9 +42,7 @@ class MetricWriter:
 
   def _drop_after(self, step: int) -> None:
     kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
-    tmp = self.path.with_name(f".{self.path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, self.path)
+    write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:

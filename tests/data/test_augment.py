@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from cellrep.data import augment as aug
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 # Every augmentation off; tests switch on the one they look at.
 OFF = aug.AugmentConfig(poisson=False, dilate_p=0.0, rotate=False, shift_apply_p=0.0, flip_p=0.0)
@@ -255,9 +255,9 @@ def test_config_is_validated_and_hashable():
   cfg = aug.AugmentConfig(dilate_kernels=[2, 3])
   assert cfg.dilate_kernels == (2, 3)
   assert hash(cfg) == hash(aug.AugmentConfig(dilate_kernels=(2, 3)))
-  with pytest.raises(ConfigError, match="flip_p"):
+  with pytest.raises(BadValue, match="flip_p"):
     aug.AugmentConfig(flip_p=1.5)
-  with pytest.raises(ConfigError, match="blur_ksize"):
+  with pytest.raises(BadValue, match="blur_ksize"):
     aug.AugmentConfig(blur_ksize=4)
-  with pytest.raises(ConfigError, match="dilate_footprint"):
+  with pytest.raises(BadValue, match="dilate_footprint"):
     aug.AugmentConfig(dilate_footprint="disc")

@@ -12,7 +12,7 @@ import tifffile
 
 from cellrep.data import ingest
 from cellrep.data.store import open_store
-from cellrep.errors import ConfigError, InputError
+from cellrep.errors import BadValue, InputError
 
 H, W = 12, 16
 
@@ -352,5 +352,5 @@ def test_ingest_from_config(tmp_path):
   assert ingest.ingest(cfg).meta.classes == ("0", "2")
   assert len(open_store(tmp_path / "out").cells) == 3
   cfg.format = "zarr"
-  with pytest.raises(ConfigError, match="ingest.format"):
+  with pytest.raises(BadValue, match="format"):
     ingest.ingest(cfg)

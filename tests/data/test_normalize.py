@@ -8,7 +8,7 @@ import pytest
 
 from cellrep.data import normalize
 from cellrep.data.store import StoreWriter
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 
 def test_methods_on_markers_only():
@@ -22,7 +22,7 @@ def test_methods_on_markers_only():
   np.testing.assert_allclose(p99[..., :3], images[..., :3] / [2.0, 4.0, 8.0], rtol=1e-6)
   for out in (ans, p99):
     np.testing.assert_array_equal(out[..., 3:], images[..., 3:])
-  with pytest.raises(ConfigError, match="data.normalize"):
+  with pytest.raises(BadValue, match="normalize"):
     normalize.normalize(images, "zscore")
   with pytest.raises(ValueError, match="scales"):
     normalize.normalize(images, "p99")

@@ -5,7 +5,7 @@ import pytest
 
 from cellrep.data.sampling import (EpochSampler, cap_per_class, parse_hierarchy, sample_weights,
                                    split_fovs)
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 
 def test_split_fovs_explicit_fraction_and_single():
@@ -15,7 +15,7 @@ def test_split_fovs_explicit_fraction_and_single():
   assert len(val) == 3 and not set(train) & set(val) and set(train) | set(val) == set(fovs)
   assert split_fovs(fovs, val_fraction=0.3, seed=1) == (train, val)
   assert split_fovs(["only"]) == (["only"], ["only"])
-  with pytest.raises(ConfigError, match="unknown FOVs"):
+  with pytest.raises(BadValue, match="unknown FOVs"):
     split_fovs(fovs, ["nope"])
 
 
@@ -26,16 +26,16 @@ def test_split_fovs_with_training_fovs():
   # CellSighter's example: one image, trained on and validated on.
   assert split_fovs(fovs, ["a"], train_fovs=["a"]) == (["a"], ["a"])
   assert split_fovs(fovs, train_fovs=fovs) == (fovs, fovs)
-  with pytest.raises(ConfigError, match="data.train_fovs"):
+  with pytest.raises(BadValue, match="train_fovs"):
     split_fovs(fovs, train_fovs=["z"])
 
 
 def test_parse_hierarchy():
   assert parse_hierarchy("", ["x"]) is None
   assert parse_hierarchy("CD4 T=T; CD8 T = T;B=B", ["B", "CD4 T", "CD8 T"]) == {0: "B", 1: "T", 2: "T"}
-  with pytest.raises(ConfigError, match="without a category"):
+  with pytest.raises(BadValue, match="without a category"):
     parse_hierarchy("B=B", ["B", "T"])
-  with pytest.raises(ConfigError, match="has no '='"):
+  with pytest.raises(BadValue, match="has no '='"):
     parse_hierarchy("B", ["B"])
 
 
@@ -55,7 +55,7 @@ def test_weights_balance_classes_and_hierarchy():
   w = sample_weights(labels, "hierarchy", {0: "A", 1: "B", 2: "B"})
   np.testing.assert_allclose(w[labels == 0].sum(), w[labels > 0].sum())
   np.testing.assert_allclose(sample_weights(labels, "none"), 1.0)
-  with pytest.raises(ConfigError):
+  with pytest.raises(BadValue):
     sample_weights(labels, "hierarchy")
 
 

@@ -15,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from cellrep.data import synthetic
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 
 SMALL = synthetic.SyntheticConfig(n_fovs=2, fov_size=128, seed=3)
 
@@ -126,9 +126,9 @@ def test_imbalance():
 def test_from_config():
   cfg = ml_collections.ConfigDict({"seed": 7, "n_fovs": 3, "cell_radius": 5.0})
   assert synthetic.from_config(cfg) == synthetic.SyntheticConfig(seed=7, n_fovs=3, cell_radius=5.0)
-  with pytest.raises(ConfigError, match="data.synthetic.n_fov"):
+  with pytest.raises(BadValue, match="n_fov"):
     synthetic.from_config(ml_collections.ConfigDict({"n_fov": 3}))
-  with pytest.raises(ConfigError, match="data.synthetic.spillover"):
+  with pytest.raises(BadValue, match="spillover"):
     synthetic.SyntheticConfig(spillover=1.5)
 
 

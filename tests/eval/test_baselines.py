@@ -8,7 +8,7 @@ import pytest
 from cellrep.data.crops import CropSource
 from cellrep.data.expression import expression_matrix
 from cellrep.eval import baselines
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 from tests.data.helpers import square_cells_store
 
 
@@ -24,7 +24,7 @@ def test_features_are_arcsinh_of_mean_in_mask(store):
   # square_cells_store: marker c of cell i holds 100 (c + 1) + i on every pixel of the cell.
   cells = store.cells
   np.testing.assert_allclose(np.sinh(features[:, 1]) * 5.0, 200 + cells.cell_id.to_numpy())
-  with pytest.raises(ConfigError, match="cofactor"):
+  with pytest.raises(BadValue, match="cofactor"):
     baselines.store_features(store, cofactor=0)
 
 
@@ -49,7 +49,7 @@ def test_xgboost_learns_and_covers_absent_classes():
   assert np.mean(probs.argmax(axis=1) == labels) > 0.95
   one = baselines.fit_xgboost(features[:5], np.full(5, 2), 3)
   np.testing.assert_array_equal(one.predict_proba(features[:2]), [[0, 0, 1], [0, 0, 1]])
-  with pytest.raises(ConfigError, match="baseline.balance"):
+  with pytest.raises(BadValue, match="balance"):
     baselines.fit_xgboost(features, labels, 3, balance="sometimes")
 
 

@@ -10,7 +10,7 @@ from cellrep.data.crops import CropSource
 from cellrep.data.expression import expression_matrix
 from cellrep.eval import baselines, simulate
 from cellrep.eval.report import Report
-from cellrep.errors import ConfigError
+from cellrep.errors import BadValue
 from cellrep.infer import trained as trained_lib
 from tests.eval.conftest import HELD_OUT
 
@@ -76,13 +76,11 @@ def test_run_scores_every_setting():
 
 
 def test_bad_settings():
-  with pytest.raises(ConfigError, match="fractions"):
+  with pytest.raises(BadValue, match="fractions"):
     _config(fractions=(0.5, 1.5))
-  with pytest.raises(ConfigError, match="simulate.marker_b"):
+  with pytest.raises(BadValue, match="marker_b"):
     simulate.check_names(_config(), ["A", "B"], ["a", "c"])
-  with pytest.raises(ConfigError, match="simulate.border_distances"):
-    simulate.parse_floats("1,x", "simulate.border_distances")
-  assert simulate.parse_floats("-1, 0,2", "k") == (-1.0, 0.0, 2.0)
+  assert simulate.SimulationConfig("A", "a", "B", "b", fractions=[0.5, 1]).fractions == (0.5, 1.0)
 
 
 @pytest.fixture(scope="module")

@@ -119,11 +119,8 @@ def test_profile_eval_reads_the_embeddings_as_they_are(run, tmp_path):
 
 def profile_eval_config(path):
   from configs.profile_eval import get_config as profile_config
-  c = profile_config("level=cell")
+  c = profile_config("by_class=x")  # each FOV x class a well, class x's wells the controls
   c.input = path
-  c.columns.update(site="Metadata_fov_name,Metadata_label", well="Metadata_fov_name,Metadata_label",
-                   treatment="Metadata_label", plate="", moa="")
-  c.controls = "Metadata_label == 'x'"
   c.sphering.method = "none"
   c.retrieval.null_size = 100
   return c
