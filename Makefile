@@ -1,7 +1,7 @@
 # make test: create .venv if missing, install cellrep with its test extras, run the tests.
 # make demo: same install, then train and evaluate the synthetic-tissue demo in workdir/demo.
 # make bench: same install plus the bench extra (PyTorch), run the benchmarks into
-#   benchmarks/results/*.json and write their tables into README.md's Performance section.
+#   benchmarks/results/*.json and write their tables into docs/performance.md.
 SHELL := /bin/bash
 # The newest Python >= 3.11 that actually starts (pyenv shims of absent versions fail).
 PYTHON ?= $(shell for p in python3.14 python3.13 python3.12 python3.11 python3; do \
@@ -38,17 +38,11 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,xgboost,bench]'
 	touch $@
 
-# About an hour on a 2-core CPU; each benchmark writes its JSON as it goes.
+# About an hour on a 2-core CPU; each benchmark writes its JSON as it goes (bench_ensemble one
+# file per case group, bench_inference one per batch size), then report.py tables them all.
 bench: $(BENCH_STAMP)
 	set -e; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done
-	$(PY) benchmarks/bench_inference.py --batch 256 --out benchmarks/results/inference_256.json
-	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 \
-	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd.json
-	$(PY) benchmarks/bench_ensemble.py --models resnet18,resnet50 --members 1 --batch 128 \
-	  --variants auto,auto_winograd --out benchmarks/results/ensemble_winograd_128.json
-	$(PY) benchmarks/bench_ensemble.py --models resnet50 --members 1 --variants auto,auto_bf16 \
-	  --repeats 3 --out benchmarks/results/ensemble_bf16.json
-	$(PY) benchmarks/report.py --readme README.md
+	$(PY) benchmarks/report.py --docs docs/performance.md
 
 clean:
 	rm -rf $(VENV) workdir .cache .pytest_cache

@@ -1,10 +1,12 @@
 r"""Ensemble inference: the 10-member ResNet-50 predictor against PyTorch's ResNet-50, same run.
 
-  .venv/bin/python benchmarks/bench_inference.py [--quick] [--profile DIR] [--batch 128]
+  .venv/bin/python benchmarks/bench_inference.py [--quick] [--profile DIR] [--batch 128,256]
       [--out FILE]
 
-`make bench` runs it at batch 128 (results/inference.json) and at 256, the
-classify task's `predict.batch_size` (results/inference_256.json).
+Each batch size is its own run (own rounds and references), one after the other; the
+first writes --out (results/inference.json), each further one the file beside it named
+after its batch (results/inference_256.json: 256 is the classify task's
+`predict.batch_size`). The default measures 128 and 256; --quick one tiny batch.
 
 cellrep: `cellrep.infer.predict.make_predict_fn` on [batch, 14, 60, 60] crops
 (centre crop, ResNet-50 with an ImageNet stem taking 14 channels, softmax per
@@ -13,7 +15,8 @@ implementation and compute dtype (``auto`` is the default predictor: bfloat16 pr
 on CPUs with AVX512-BF16/AMX, float32 on others). PyTorch: torchvision's `resnet50` with
 `conv1` swapped for 14 input channels, `eval()`, `channels_last`,
 `torch.inference_mode()`, float32, all cores (`torch.set_num_threads`); and the same
-under `torch.autocast("cpu", torch.bfloat16)` (``torch_bf16``).
+under `torch.autocast("cpu", torch.bfloat16)` (``torch_bf16``); both on the same crops
+(`torch_ref.predict_case`).
 
 The ensemble predicts M members per cell, so the comparison is per member-image:
 cellrep member-images/s = M * cells/s against PyTorch images/s of one network.
@@ -30,9 +33,8 @@ torchvision); without it, cellrep alone is measured.
 
 from __future__ import annotations
 
-import os
-
 import benchlib
+import torch_ref
 
 # name: (strategy, conv_impl, compute dtype, members per map iteration); "auto" as the
 # predictor's defaults (make_predict_fn).
@@ -51,25 +53,30 @@ CLASSES = 8
 REFERENCE_N = 2048
 REFERENCE_DTYPES = ("float32", "bfloat16")
 # PyTorch baselines: "torch" is the issue's (float32); "torch_bf16" under autocast.
-TORCH_CASES = {"torch": "float32", "torch_bf16": "bfloat16"}
+TORCH_CASES = torch_ref.CASES
+
+
+def host_crops(batch: int, size: int):
+  """[batch, 14, size, size] float32 Poisson counts, the crops both sides predict."""
+  import numpy as np
+  return np.random.default_rng(0).poisson(3.0, (batch, CHANNELS, size, size)).astype(np.float32)
 
 
 def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **model_kw):
   """{variant: (run, info)}: each run predicts one batch of crops to completion."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from cellrep.data import augment
   from cellrep.data.pipeline import data_sharding
-  from cellrep.infer.predict import CPU_PREDICT_MAP_BATCH, make_predict_fn, resolve_dtype
-  from cellrep.models import get_model
-  from cellrep.models.conv import resolve_conv_impl
+  from cellrep import models
+  from cellrep.infer.predict import as_policy, make_predict_fn
   from cellrep.train.ensemble import make_mesh
 
+  def get_model(name, classes, **kwargs):
+    return models.build({"name": name, "num_classes": classes, **kwargs})
+
   mesh = make_mesh(1, 1)
-  rng = np.random.default_rng(0)
-  crops = jax.device_put(rng.poisson(3.0, (batch, CHANNELS, size, size)).astype(np.float32),
-                         data_sharding(mesh))
+  crops = jax.device_put(host_crops(batch, size), data_sharding(mesh))
   base = get_model(name, CLASSES, **model_kw)
   keys = jax.random.split(jax.random.key(0), members)
   variables = jax.jit(jax.vmap(lambda k: base.init(k, jnp.zeros((1, size, size, CHANNELS)))))(keys)
@@ -85,13 +92,11 @@ def jax_cases(members: int, batch: int, size: int, variants, name="resnet50", **
   for variant in variants:
     strategy, conv_impl, dtype, map_batch = VARIANTS[variant]
     model = get_model(name, CLASSES, conv_impl=conv_impl, **model_kw)
-    fn = make_predict_fn(model, preprocess, mesh, strategy, map_batch=map_batch, dtype=dtype)
-    dtype = resolve_dtype(dtype)
-    info = {"strategy": strategy, "dtype": dtype, "map_batch": map_batch,
-            "conv_impl": resolve_conv_impl(conv_impl, inference=True, dtype=dtype)}
-    if strategy == "auto":
-      cpu = jax.default_backend() == "cpu"
-      info["strategy"], info["map_batch"] = ("map", CPU_PREDICT_MAP_BATCH) if cpu else ("vmap", 0)
+    policy = as_policy(strategy, model, map_batch, dtype)  # what the predictor resolves to
+    fn = make_predict_fn(model, preprocess, mesh, policy)
+    info = {"strategy": policy.predict_strategy, "dtype": policy.predict_dtype,
+            "map_batch": policy.predict_map_batch if policy.predict_strategy == "map" else 0,
+            "conv_impl": policy.predict_conv_impl}
     if hasattr(fn, "lower"):
       compiled = fn.lower(variables, crops).compile()
       info["program_flops"] = benchlib.cost_flops(compiled)
@@ -113,45 +118,17 @@ def torch_case(batch: int, size: int, name="resnet50", dtype: str = "float32"):
 
   dtype ``bfloat16``: under `torch.autocast` (oneDNN's bf16 convolutions on CPUs that
   have them), the counterpart of cellrep's bfloat16 predictor."""
-  try:
-    import torch
-    import torchvision
-  except ImportError:
-    return None
-  torch.set_num_threads(os.cpu_count())
-  net = getattr(torchvision.models, name)(num_classes=CLASSES)
-  net.conv1 = torch.nn.Conv2d(CHANNELS, 64, kernel_size=7, stride=2, padding=3, bias=False)
-  net = net.eval().to(memory_format=torch.channels_last)
-  x = torch.randn(batch, CHANNELS, size, size).to(memory_format=torch.channels_last)
-
-  def run():
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16,
-                                                enabled=dtype == "bfloat16"):
-      net(x)
-
-  run()
-  return run, {"torch_threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-               "memory_format": "channels_last", "dtype": dtype}
+  return torch_ref.predict_case(host_crops(batch, size), name, CLASSES, dtype)
 
 
-def main():
-  p = benchlib.parser(__doc__, "inference")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--members", type=int, default=10)
-  p.add_argument("--variants", default=",".join(VARIANTS))
-  args = p.parse_args()
-  benchlib.setup_jax()
-  variants = args.variants.split(",")
-  if args.quick:
-    name, members, batch, size, kw = "resnet18", 2, 4, 32, {"width": 0.0625}
-  else:
-    name, members, batch, size, kw = "resnet50", args.members, args.batch, 60, {}
-  rounds = args.repeats or (1 if args.quick else 7)
+def measure(args, name, members, batch, size, kw, variants, rounds, tag="") -> dict:
+  """One run at one batch size: every variant and PyTorch case in turn, round after round."""
   result = benchlib.header("inference", args)
   result.update({"model": name, "model_kwargs": kw, "members": members, "batch": batch,
                  "input": [CHANNELS, size, size], "rounds": rounds})
   from bench_peak import reference_cases, reference_gflops
 
+  print(f"{members} x {name}, batch {batch}, {size}x{size}:", flush=True)
   jcases, member_flops = jax_cases(members, batch, size, variants, name, **kw)
   tcases = {key: torch_case(batch, size, name, dtype) for key, dtype in TORCH_CASES.items()}
   tcases = {key: c for key, c in tcases.items() if c}
@@ -188,8 +165,30 @@ def main():
         flush=True)
   result["load_average_end"] = benchlib.load()
   for v, (run, _, compiled) in jcases.items():
-    benchlib.profile(args.profile, f"predict_{v}", run, compiled)
-  benchlib.write(args.out, result)
+    benchlib.profile(args.profile, f"predict_{v}{tag}", run, compiled)
+  return result
+
+
+def main():
+  p = benchlib.parser(__doc__, "inference")
+  p.add_argument("--batch", default=None,
+                 help="comma-separated batch sizes, one run and one JSON file each "
+                      "(default 128,256; with --quick 4)")
+  p.add_argument("--members", type=int, default=10)
+  p.add_argument("--variants", default=",".join(VARIANTS))
+  args = p.parse_args()
+  benchlib.setup_jax()
+  variants = args.variants.split(",")
+  batches = [int(b) for b in (args.batch or ("4" if args.quick else "128,256")).split(",")]
+  if args.quick:
+    name, members, size, kw = "resnet18", 2, 32, {"width": 0.0625}
+  else:
+    name, members, size, kw = "resnet50", args.members, 60, {}
+  rounds = args.repeats or (1 if args.quick else 7)
+  for i, batch in enumerate(batches):
+    tag = f"_{batch}" if i else ""  # the first batch writes --out, the others beside it
+    result = measure(args, name, members, batch, size, kw, variants, rounds, tag)
+    benchlib.write(benchlib.companion(args.out, tag), result)
 
 
 if __name__ == "__main__":

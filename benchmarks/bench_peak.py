@@ -31,7 +31,7 @@ def matmul_case(n: int, dtype: str):
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-  # Accumulating in float32, the form mixed-precision models use (cellrep.models.conv); a
+  # Accumulating in float32, the form mixed-precision models use (cellrep.ops.conv); a
   # bfloat16 result makes XLA:CPU convert the operands to float32 before the product.
   f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
               ).lower(a, b).compile()

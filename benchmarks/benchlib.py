@@ -61,10 +61,8 @@ def setup_jax(cpu_devices: int = 0) -> bool:
   import jax
   if cpu_devices:
     jax.config.update("jax_num_cpu_devices", cpu_devices)
-  cache = tempfile.mkdtemp(prefix="cellrep-bench-cache-")
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from cellrep.runtime import enable_compilation_cache
+  enable_compilation_cache(tempfile.mkdtemp(prefix="cellrep-bench-cache-"), min_compile_secs=0.0)
   return _KEEP_FREED_MEMORY
 
 
@@ -144,6 +142,13 @@ def write(path, payload: dict) -> pathlib.Path:
   tmp.replace(path)
   print(f"wrote {path}", flush=True)
   return path
+
+
+def companion(path, tag: str) -> pathlib.Path:
+  """The file beside `path` for one more part of a benchmark's run: results/x.json, "_256" ->
+  results/x_256.json ("" -> path itself)."""
+  path = pathlib.Path(path)
+  return path.with_name(f"{path.stem}{tag}{path.suffix}")
 
 
 def _jsonable(x):

@@ -1,12 +1,16 @@
-r"""The README's performance tables, from the benchmark JSON files.
+r"""The performance tables of docs/performance.md, from the benchmark JSON files.
 
-  .venv/bin/python benchmarks/report.py                      # print the markdown
-  .venv/bin/python benchmarks/report.py --readme README.md   # and replace it in the README
+  .venv/bin/python benchmarks/report.py                 # print the markdown
+  .venv/bin/python benchmarks/report.py --docs          # and write it into docs/performance.md
+  .venv/bin/python benchmarks/report.py --docs FILE --results DIR
 
-Reads benchmarks/results/{peak,ensemble,inference,inference_256,pipeline}.json
-(those that exist) and writes the tables between the README's `<!-- bench:begin -->` and
-`<!-- bench:end -->` lines, so `make bench` leaves the README with the numbers
-it measured.
+Reads the JSON files of benchmarks/results/ that exist: ensemble.json and one
+ensemble_<group>.json per further case group of bench_ensemble.py (`GROUPS`), peak.json,
+inference.json and inference_<batch>.json, hostmem.json, pipeline.json, profiling.json
+and profiling_*.json (bench_profiling.py runs with other sizes: their rows replace
+profiling.json's where they measured the reference). With --docs the tables replace what
+lies between the file's `<!-- bench:begin -->` and `<!-- bench:end -->` lines, so
+`make bench` leaves docs/performance.md with the numbers it measured.
 
 MFU in the tables divides by the larger of the matmul reference timed in the
 benchmark's own rounds and the quiet one of `bench_peak.py`: a reference round
@@ -16,13 +20,14 @@ slowed by other work would otherwise inflate the utilisation.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 
+import bench_ensemble
 import benchlib
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+DOCS = benchlib.ROOT / "docs" / "performance.md"
 
 
 def _load(results: pathlib.Path, name: str) -> dict | None:
@@ -32,10 +37,15 @@ def _load(results: pathlib.Path, name: str) -> dict | None:
 
 def _machine(r: dict) -> str:
   m = r["machine"]
-  return (f"{m.get('cpu')} ({m.get('cores')} cores, {m.get('memory_gib')} GiB), jax {m.get('jax')}"
-          f"{', torch ' + m['torch'] if 'torch' in m else ''}; {r['started']}, load average "
-          f"{r['load_average_start'][0]:.1f} at the start, {r.get('load_average_end', ['?'])[0]} "
-          "at the end")
+  end = r.get("load_average_end")
+  return (f"{m.get('cpu')} ({m.get('cores')} cores, {_number(m.get('memory_gib'))} GiB), jax "
+          f"{m.get('jax')}{', torch ' + m['torch'] if 'torch' in m else ''}; {r['started']}, load "
+          f"average {r['load_average_start'][0]:.1f} at the start, "
+          f"{_number(end[0]) if end else '?'} at the end")
+
+
+def _number(x) -> str:
+  return f"{x:.1f}" if isinstance(x, float) else str(x)
 
 
 def _mfu(gflops: float, run_reference: float, floor: float) -> float:
@@ -55,27 +65,56 @@ def peak(r: dict) -> list[str]:
 
 
 def ensemble(r: dict, floor: float = 0.0) -> list[str]:
+  nan = float("nan")
+  cases = r["cases"]
   # The variants this run measured (its "variants" lists every one the benchmark knows).
-  names = [n for n in r["variants"] if any(n in c["variants"] for c in r["cases"])]
-  lines = ["| model | M | " + " | ".join(names) + " | auto / loop | auto / best loop | MFU auto"
-           " | compile auto (cold / cached) |",
-           "|---|---|" + "---|" * (len(names) + 4)]
-  for c in r["cases"]:
+  names = [n for n in r["variants"] if any(n in c["variants"] for c in cases)]
+  torch = [k for k in ("torch", "torch_bf16") if any(k in c for c in cases)]
+  # bfloat16 variants other than auto also face PyTorch's bf16 step.
+  bf16 = [n for n in names if n != "auto" and r["variants"][n].get("dtype") == "bfloat16"]
+  ratios = []  # (header, value of a case)
+  if any("vs_loop" in c for c in cases):
+    ratios.append(("auto / loop", lambda c: c.get("vs_loop", {}).get("auto", nan)))
+  if any("auto_vs_best_loop" in c for c in cases):
+    ratios.append(("auto / best loop", lambda c: c.get("auto_vs_best_loop", nan)))
+  if "torch" in torch:
+    ratios.append(("auto / PyTorch", lambda c: c.get("vs_torch", {}).get("auto", nan)))
+  if "torch_bf16" in torch:
+    ratios.append(("auto / PyTorch bf16", lambda c: c.get("vs_torch_bf16", {}).get("auto", nan)))
+    ratios += [(f"{n} / PyTorch bf16", lambda c, n=n: c.get("vs_torch_bf16", {}).get(n, nan))
+               for n in bf16]
+  torch_head = {"torch": "PyTorch", "torch_bf16": "PyTorch bf16"}
+  head = names + [torch_head[k] for k in torch] + [h for h, _ in ratios]
+  lines = ["| model | M | " + " | ".join(head) + " | MFU auto | compile auto (cold / cached) |",
+           "|---|---|" + "---|" * (len(head) + 2)]
+  for c in cases:
     v = c["variants"]
     cells = [f"{v[n]['member_samples_per_s']:.1f}" if n in v else "" for n in names]
+    cells += [f"{c[k]['samples_per_s']:.1f}" if k in c else "" for k in torch]
+    cells += [f"{fn(c):.2f}x" for _, fn in ratios]
     auto = v.get("auto", {})
     plan = f" ({auto['strategy']}" + (f", {auto['map_batch']}/chunk)" if auto.get("strategy") == "map"
                                       else ")") if auto else ""
     lines.append(
         f"| {c['model']} | {c['members']} | " + " | ".join(cells)
-        + f" | {c.get('vs_loop', {}).get('auto', float('nan')):.2f}x"
-        + f" | {c.get('auto_vs_best_loop', float('nan')):.2f}x"
-        + f" | {100 * _mfu(auto.get('gflops', float('nan')), c['reference_f32_gflops'], floor):.0f}%{plan}"
-        + f" | {auto.get('compile_s', float('nan')):.0f} s / {auto.get('cached_compile_s', float('nan')):.1f} s |")
-  c0 = r["cases"][0] if r["cases"] else {}
+        + f" | {100 * _mfu(auto.get('gflops', nan), c['reference_f32_gflops'], floor):.0f}%{plan}"
+        + f" | {auto.get('compile_s', nan):.0f} s / {auto.get('cached_compile_s', nan):.1f} s |")
+  c0 = cases[0] if cases else {}
   lines.append(f"\nMember-samples/s (members x batch / step time), batch {c0.get('batch')}, input "
                f"{c0.get('input')}; MFU = model FLOPs / step time / jitted float32 matmul FLOP/s "
                f"(the larger of the one measured in the same rounds and bench_peak's {floor:.0f}).")
+  if torch:
+    shares = sorted(f"{100 * c['augment']['share_of_auto']:.0f}" for c in cases
+                    if "share_of_auto" in c.get("augment", {}))
+    span = "-".join(dict.fromkeys([shares[0], shares[-1]])) if shares else ""
+    augment = (f" CellSighter's augmentation alone (every member's view) took {span}% of auto's "
+               "step time." if shares else "")
+    lines.append(f"\nPyTorch: torchvision's network of the same name (conv1 for "
+                 f"{c0.get('input', [0])[-1]} channels), channels_last, Adam, forward + "
+                 "cross-entropy + backward + step on the same batch, float32 and under bf16 "
+                 "autocast, in the same rounds; its samples/s are one network's (batch / step "
+                 "time), so auto / PyTorch compares per member-sample. cellrep's step also "
+                 "augments on the device, PyTorch's does not." + augment)
   return lines
 
 
@@ -155,44 +194,132 @@ def hostmem(r: dict) -> list[str]:
   return lines
 
 
+PROFILING_CASES = {  # case: (row label, what it matches)
+    "sphering_all": ("Sphering, fit on all wells", "pycytominer `normalize`"),
+    "sphering_controls": ("Sphering, fit on control wells only", "pycytominer `normalize`"),
+    "ap_activity": ("AP, replicates vs controls", "copairs"),
+    "ap_same_moa": ("AP, same-MoA, well level", "copairs"),
+    "map_activity": ("mAP p-values, null 10,000", "copairs"),
+}
+
+
+def profiling(runs: dict[str, dict]) -> list[str]:
+  """One table of `bench_profiling.py` runs ({file name: result}, profiling.json first).
+
+  A (case, wells) row of a later file replaces the earlier one where it measured the
+  reference, so that every ratio is of one run (profiling_16000_reference.json: the
+  references at 16,000 wells, beside a cellrep run of its own)."""
+  rows, source = {}, {}
+  for name, r in runs.items():
+    for row in r["runs"]:
+      key = (row["case"], row["wells"])
+      if key not in rows or _reference(row) is not None:
+        rows[key], source[key] = row, name
+  order = {case: i for i, case in enumerate(PROFILING_CASES)}
+  lines = ["| case | wells | cellrep | reference | ratio | cellrep peak RSS |",
+           "|---|---:|---:|---:|---:|---:|"]
+  seen = set()
+  for case, wells in sorted(rows, key=lambda k: (order.get(k[0], len(order)), k[0], k[1])):
+    row = rows[case, wells]
+    label, peer = PROFILING_CASES.get(case, (case, ""))
+    if case not in seen and peer:
+      label += f" (vs {peer})"
+    seen.add(case)
+    ours, ref = row.get("cellrep", {}), _reference(row)
+    lines.append(f"| {label} | {wells:,} | {_seconds(ours, 2)} | "
+                 f"{_seconds(ref, 1) if ref is not None else 'not run'} | "
+                 + (f"{row['speedup']:.0f}x" if "speedup" in row else "—")
+                 + (f" | {ours['peak_rss_gib']:.2f} GiB |" if "peak_rss_gib" in ours
+                    else " | — |"))
+  first = next(iter(runs.values()))
+  later = sorted({source[k] for k in rows} - {next(iter(runs))})
+  lines.append(f"\n{first.get('data', '')}; the same wells for both sides, one process per "
+               "(case, size, implementation), cellrep the median of warm calls (compilation "
+               "excluded), the reference timed once (or the median of --reference-repeats); "
+               "ratio = reference / cellrep; peak RSS of the case's process."
+               + "".join(f" Rows whose reference `{n}.json` measured are from that run."
+                         for n in later))
+  return lines
+
+
+def _reference(row: dict) -> dict | None:
+  return next((row[k] for k in ("pycytominer", "copairs") if k in row), None)
+
+
+def _seconds(r: dict, digits: int) -> str:
+  if "median_s" in r:
+    return f"{r['median_s']:.{digits}f} s"
+  error = r.get("error", "—")
+  return " ".join(error) if isinstance(error, list) else str(error)
+
+
+def _numbered(results: pathlib.Path, stem: str) -> list[str]:
+  """stem_<n>.json of a benchmark's further runs (inference_256), by n."""
+  names = [n for n in _further(results, stem) if n[len(stem) + 1:].isdigit()]
+  return sorted(names, key=lambda n: int(n[len(stem) + 1:]))
+
+
+def _further(results: pathlib.Path, stem: str) -> list[str]:
+  """stem_*.json: further runs of a benchmark (profiling_16000_reference), by name."""
+  return sorted(p.stem for p in results.glob(f"{stem}_*.json"))
+
+
 def markdown(results=benchlib.RESULTS) -> str:
-  parts = []
-  loaded = {name: _load(pathlib.Path(results), name)
-            for name in ("ensemble", "peak", "inference", "inference_256", "hostmem", "pipeline")}
-  floors = ({dtype: x["gflops"] for dtype, x in loaded["peak"]["reference"].items()}
-            if loaded["peak"] else {})
+  results = pathlib.Path(results)
+  peak_r = _load(results, "peak")
+  floors = ({dtype: x["gflops"] for dtype, x in peak_r["reference"].items()} if peak_r else {})
   floor = floors.get("float32", 0.0)
-  for name, title, fn in (("ensemble", "Ensemble train step", functools.partial(ensemble, floor=floor)),
-                          ("peak", "Reference FLOP rate", peak),
-                          ("inference", "Ensemble inference", functools.partial(inference, floors=floors)),
-                          ("inference_256", "Ensemble inference, batch 256",
-                           functools.partial(inference, floors=floors)),
-                          ("hostmem", "Host-memory reuse", hostmem),
-                          ("pipeline", "Crop pipeline", pipeline)):
-    r = loaded[name]
-    if r is None:
+  # (title, the files of one table: the first must exist, table of {file name: result});
+  # one table per ensemble group and per inference batch size.
+  sections = []
+  for group, g in bench_ensemble.GROUPS.items():
+    name = "ensemble" if group == bench_ensemble.MAIN_GROUP else f"ensemble_{group}"
+    sections.append((g.title, [name], lambda rs: ensemble(*rs.values(), floor)))
+  sections.append(("Reference FLOP rate", ["peak"], lambda rs: peak(*rs.values())))
+  for name in ["inference", *_numbered(results, "inference")]:
+    sections.append((None, [name], lambda rs: inference(*rs.values(), floors)))
+  sections += [("Host-memory reuse", ["hostmem"], lambda rs: hostmem(*rs.values())),
+               ("Crop pipeline", ["pipeline"], lambda rs: pipeline(*rs.values())),
+               ("Profiling kernels", ["profiling", *_further(results, "profiling")], profiling)]
+  parts = []
+  for title, names, fn in sections:
+    if _load(results, names[0]) is None:
       continue
-    parts += [f"#### {title} (`benchmarks/results/{name}.json`)", "", f"_{_machine(r)}._", "",
-              *fn(r), ""]
+    rs = {n: r for n in names if (r := _load(results, n)) is not None}
+    first = next(iter(rs.values()))
+    title = title or f"Ensemble inference, batch {first['batch']}"
+    files = ", ".join(f"`benchmarks/results/{n}.json`" for n in rs)
+    parts += [f"#### {title} ({files})", ""]
+    parts += [line for r in rs.values() for line in (f"_{_machine(r)}._", "")]
+    parts += [*fn(rs), ""]
   return "\n".join(parts)
+
+
+def write_between_markers(path: pathlib.Path, text: str) -> None:
+  """Replaces what lies between the file's BEGIN and END lines by text (temporary file, rename)."""
+  doc = path.read_text()
+  if BEGIN not in doc or END not in doc:
+    raise SystemExit(f"{path}: no {BEGIN} ... {END} section to replace")
+  head, rest = doc.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+  tmp.replace(path)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--readme", default="")
+  p.add_argument("--docs", nargs="?", const=str(DOCS), default="", metavar="FILE",
+                 help=f"also write the tables into FILE between its {BEGIN} and {END} lines "
+                      f"(FILE omitted: {DOCS.relative_to(benchlib.ROOT)}); without --docs, "
+                      "only print them")
   p.add_argument("--results", default=str(benchlib.RESULTS), help="folder of the JSON files")
   args = p.parse_args()
   text = markdown(args.results)
   print(text)
-  if args.readme:
-    path = pathlib.Path(args.readme)
-    readme = path.read_text()
-    if BEGIN not in readme or END not in readme:
-      raise SystemExit(f"{path}: no {BEGIN} ... {END} section to replace")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-    print(f"updated {path}")
+  if args.docs:
+    write_between_markers(pathlib.Path(args.docs), text)
+    print(f"updated {args.docs}")
 
 
 if __name__ == "__main__":
