@@ -5,31 +5,32 @@ class CellrepError(Exception):
   """Base class of errors caused by input or configuration, not by a bug."""
 
 
-class InputError(CellrepError):
+class _Named(CellrepError):
+  """"<what>: <problem> (expected <expected>)": `problem` and `expected` kept for re-raising."""
+
+  def __init__(self, what: str, problem: str, expected: str | None = None):
+    self.problem = problem
+    self.expected = expected
+    super().__init__(f"{what}: {problem}" + (f" (expected {expected})" if expected else ""))
+
+
+class InputError(_Named):
   """Bad input data: names the file, the field and what was expected."""
 
   def __init__(self, path, problem: str, expected: str | None = None):
     self.path = str(path)
-    self.problem = problem
-    self.expected = expected
-    message = f"{self.path}: {problem}"
-    if expected:
-      message += f" (expected {expected})"
-    super().__init__(message)
+    super().__init__(self.path, problem, expected)
 
 
-class ConfigError(CellrepError):
+class ConfigError(_Named):
   """A configuration value that cannot work: names the key and what was expected."""
 
   def __init__(self, key: str, problem: str, expected: str | None = None):
     self.key = key
-    message = f"config.{key}: {problem}"
-    if expected:
-      message += f" (expected {expected})"
-    super().__init__(message)
+    super().__init__(f"config.{key}", problem, expected)
 
 
-class BadValue(CellrepError, ValueError):
+class BadValue(_Named, ValueError):
   """A value a library function cannot work with, named in the library's own terms.
 
   `field` is the argument or field that holds it (``width``, ``val_fovs``,
@@ -40,12 +41,7 @@ class BadValue(CellrepError, ValueError):
 
   def __init__(self, field: str, problem: str, expected: str | None = None):
     self.field = field
-    self.problem = problem
-    self.expected = expected
-    message = f"{field}: {problem}"
-    if expected:
-      message += f" (expected {expected})"
-    super().__init__(message)
+    super().__init__(field, problem, expected)
 
 
 class NonFiniteLossError(CellrepError):

@@ -45,7 +45,8 @@ from cellrep.ops import policy as policy_lib
 from cellrep.train.ensemble import make_mesh
 
 OUTPUT = "embeddings.parquet"
-IDENTITY = ("Metadata_cell_id", "Metadata_fov", "Metadata_fov_name", "Metadata_label")
+# Cells whose embeddings the report's PCA map draws (at most).
+MAP_CELLS = 5000
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -156,17 +157,24 @@ def identity_columns(cells: pd.DataFrame) -> pd.DataFrame:
   return out
 
 
-def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names) -> int:
+def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
+                     keep: np.ndarray = np.zeros(0, np.int64)) -> tuple[int, pd.DataFrame]:
   """Writes the (row indices, features) chunks as one parquet file, a row group per chunk,
-  under a temporary name renamed at the end. Returns the rows written."""
+  under a temporary name renamed at the end.
+
+  keep: sorted positions (in the order written) of rows to hand back as well.
+  Returns (rows written, the kept rows as a table).
+  """
   tmp = files.temporary(path)
-  writer, rows = None, 0
+  writer, rows, kept = None, 0, []
   try:
     for index, features in chunks:
       table = identity_columns(cells.iloc[index])
       feats = pd.DataFrame(features.astype(np.float32, copy=False), columns=list(names))
-      frame = pa.Table.from_pandas(pd.concat([table.reset_index(drop=True), feats], axis=1),
-                                   preserve_index=False)
+      chunk = pd.concat([table.reset_index(drop=True), feats], axis=1)
+      mine = keep[(keep >= rows) & (keep < rows + len(index))] - rows
+      kept.append(chunk.iloc[mine])
+      frame = pa.Table.from_pandas(chunk, preserve_index=False)
       if writer is None:
         writer = pq.ParquetWriter(tmp, frame.schema)
       writer.write_table(frame)
@@ -183,19 +191,16 @@ def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names) -> 
   else:
     writer.close()
   os.replace(tmp, path)
-  return rows
+  return rows, pd.concat(kept) if kept else pd.DataFrame()
 
 
-def _report(workdir: pathlib.Path, summary: dict, path: pathlib.Path) -> None:
+def _report(workdir: pathlib.Path, summary: dict, sample: pd.DataFrame) -> None:
+  """The summary, and a PCA map of `sample` (rows of the embeddings table) by class."""
   import matplotlib.pyplot as plt
 
   report = Report(workdir / "report", "cellrep: embeddings")
   report.key_values(summary)
-  table = pq.read_table(path).to_pandas()
-  if len(table) >= 3:
-    rng = np.random.default_rng(0)
-    rows = rng.choice(len(table), size=min(len(table), 5000), replace=False)
-    sample = table.iloc[np.sort(rows)]
+  if len(sample) >= 3:
     x = sample[[c for c in sample.columns if not c.startswith("Metadata_")]].to_numpy(np.float64)
     x = x - x.mean(axis=0)
     u, s, _ = np.linalg.svd(x, full_matrices=False)
@@ -233,13 +238,15 @@ def run(config, workdir) -> dict:
                                  threads=config.data.threads,
                                  memory_budget=int(config.embed.memory_budget_mb * 2**20))
   path = workdir / OUTPUT
-  written = write_embeddings(path, chunks, store.cells, e.names)
+  keep = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), MAP_CELLS),
+                                                 replace=False))
+  written, sample = write_embeddings(path, chunks, store.cells, e.names, keep)
   summary = {"model": what, "members": trained.members,
              "members combined": "mean" if config.embed.member < 0 else f"member {config.embed.member}",
              "layers": ", ".join(layers), "per channel": bool(config.embed.per_channel),
              "channels": ", ".join(trained.channels), "store": str(store.path), "cells": written,
              "features": len(e.names), "output": str(path)}
-  _report(workdir, summary, path)
+  _report(workdir, summary, sample)
   logging.info("wrote %s (%d cells x %d features); report: %s", path, written, len(e.names),
                workdir / "report" / "index.html")
   return summary

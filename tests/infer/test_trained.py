@@ -14,9 +14,7 @@ import pytest
 from cellrep.data.store import StoreWriter
 from cellrep.errors import InputError
 from cellrep.infer import trained as trained_lib
-from cellrep.tasks import classify
-from tests.data.helpers import square_cells_store
-from tests.tasks.test_classify import _tiny
+from tests.tasks.helpers import tiny_run
 
 
 def _copy(store, out, channels):
@@ -35,13 +33,8 @@ def _copy(store, out, channels):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("t")
-  store = square_cells_store(root / "store", fov_shapes=((40, 40), (40, 40), (30, 40)))
-  config = _tiny(store.path, steps=2)
-  config.data.val_fovs = "fov2"
-  config.data.normalize = "p99"
-  classify.run(config, root / "run")
-  return store, root / "run", pd.read_parquet(root / "run" / "predictions.parquet")
+  store, workdir = tiny_run(tmp_path_factory.mktemp("t"), **{"data.normalize": "p99"})
+  return store, workdir, pd.read_parquet(workdir / "predictions.parquet")
 
 
 def _probs(table):

@@ -10,22 +10,8 @@ from cellrep.errors import ConfigError
 from cellrep.tasks import classify
 from cellrep.train.metrics import read_metrics
 from tests.data.helpers import square_cells_store
+from tests.tasks.helpers import tiny_config as _tiny
 
-
-def _tiny(store_path, steps=4, members=2):
-  c = classify.default_config()
-  c.progress = False
-  c.data.store = str(store_path)
-  c.data.crop_size = 16
-  c.data.input_size = 12
-  c.data.threads = 2
-  c.model.update(name="resnet18", width=0.0625, stem="small")
-  c.ensemble.members = members
-  c.train.update(steps=steps, batch_size=8, lr=1e-3, schedule="constant", log_every=1,
-                 checkpoint_every=2)
-  c.predict.batch_size = 16
-  c.predict.cellsighter_csv = True
-  return c
 
 
 @pytest.fixture(scope="module")

@@ -13,35 +13,20 @@ from cellrep.data.augment import center
 from cellrep.data.crops import CropSource
 from cellrep.errors import ConfigError
 from cellrep.infer import trained as trained_lib
-from cellrep.tasks import classify, embed, profile_eval
+from cellrep.tasks import embed, profile_eval
 from configs.embed import get_config
-from tests.data.helpers import square_cells_store
-from tests.tasks.test_classify import _tiny
+from tests.tasks.helpers import override, tiny_run
 
 IDENTITY = ["Metadata_cell_id", "Metadata_fov", "Metadata_fov_name", "Metadata_label"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("e")
-  store = square_cells_store(root / "store", fov_shapes=((40, 40), (40, 40), (30, 40)))
-  config = _tiny(store.path, steps=2)
-  config.data.val_fovs = "fov2"
-  classify.run(config, root / "run")
-  return store, root / "run"
+  return tiny_run(tmp_path_factory.mktemp("e"))
 
 
 def _config(**values):
-  c = get_config()
-  c.data.threads = 2
-  c.embed.batch_size = 16
-  for key, value in values.items():
-    node = c
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return c
+  return override(get_config(), {"data.threads": 2, "embed.batch_size": 16, **values})
 
 
 def test_embeds_every_cell_of_the_trained_store(run, tmp_path):

@@ -12,7 +12,7 @@ from cellrep.tasks import classify, predict
 from tests.data.helpers import square_cells_store
 from tests.infer.test_trained import _copy
 from tests.tasks.helpers import get_config
-from tests.tasks.test_classify import _tiny
+from tests.tasks.helpers import tiny_config as _tiny
 
 
 def _get_config(arg=None):

@@ -10,19 +10,12 @@ from cellrep.errors import ConfigError, InputError
 from cellrep.launch import run_task
 from cellrep.profiling import synthetic
 from configs.profile_eval import get_config
+from tests.tasks.helpers import override
 
 
 def small_config(**overrides):
-  config = get_config()
-  config.retrieval.null_size = 200
-  config.sphering.sweep = "1e-2,1"
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return override(get_config(), {"retrieval.null_size": 200, "sphering.sweep": "1e-2,1",
+                                 **overrides})
 
 
 @pytest.fixture(scope="module")
