@@ -48,7 +48,7 @@ from cellrep.eval import baselines, classification, learning_curve, saliency, si
 from cellrep.eval.report import Report
 from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
-from cellrep.tasks import classify, predict
+from cellrep.tasks import classify, predict, stores
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -292,7 +292,7 @@ def _synthetic_target(config, workdir: pathlib.Path) -> Store:
                                  images=[image[keep] for image in tissue.images])
     return synthetic.write_store(tissue, path, chunk_size=config.data.chunk_size)
 
-  return classify.derived_store(workdir, "transfer_store", settings, "transfer", make)
+  return stores.derived_store(workdir, "transfer_store", settings, "transfer", make)
 
 
 def _thresholds(config) -> list[float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Callable
@@ -39,18 +38,19 @@ from ml_collections import config_dict
 from cellrep import config_util, files
 from cellrep.config_util import comma_list
 from cellrep.data import augment as augment_lib
-from cellrep.data import gating, ingest, normalize as normalize_lib, synthetic
+from cellrep.data import normalize as normalize_lib, synthetic
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
 from cellrep.data.pipeline import data_sharding, train_dataset
 from cellrep.data.sampling import (BALANCE, EpochSampler, cap_per_class, parse_hierarchy,
                                    sample_weights, split_fovs)
-from cellrep.data.store import Store, open_store
+from cellrep.data.store import Store
 from cellrep.errors import ConfigError
 from cellrep.eval import classification
 from cellrep.eval.report import Report
 from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
+from cellrep.tasks import stores
 from cellrep import models
 from cellrep.ops import policy as policy_lib
 from cellrep.train.checkpoint import Checkpointer
@@ -162,59 +162,7 @@ def validate(config) -> None:
   check(c.predict.batch_size >= 1, "predict.batch_size", f"{c.predict.batch_size}", "≥ 1")
 
 
-# ---------------------------------------------------------------- which store, which cells
-
-
-def derived_store(workdir: pathlib.Path, name: str, settings: dict, key: str,
-                   make: Callable[[pathlib.Path], Store]) -> Store:
-  """workdir/name, made once by `make`; a resumed run must ask for the same settings."""
-  path = workdir / name
-  stamp = workdir / f"{name}.{key.split('.')[-1]}.json"
-  wanted = json.dumps(settings, sort_keys=True)
-  if path.exists():
-    if stamp.exists() and stamp.read_text() != wanted:
-      raise ConfigError(key, f"differs from the settings that made {path}",
-                        "the same settings, or a new --workdir")
-    return open_store(path)
-  store = make(path)
-  stamp.write_text(wanted)
-  return store
-
-
-def open_run_store(config, workdir: pathlib.Path) -> Store:
-  """The store the run reads: given, generated, ingested from a CellSighter folder; then gated."""
-  workdir = pathlib.Path(workdir)
-  d = config.data
-  if d.source == "synthetic":
-    def make(path):
-      with config_util.config_keys("data.synthetic"):
-        cfg = synthetic.from_config(d.synthetic)
-      logging.info("generating synthetic tissue: %s", cfg)
-      return synthetic.write_store(synthetic.generate(cfg), path, chunk_size=d.chunk_size)
-    store = derived_store(workdir, "store", d.synthetic.to_dict(), "data.synthetic", make)
-  elif d.source == "cellsighter":
-    settings = dict(d.cellsighter.to_dict(),
-                    fovs=comma_list(d.train_fovs) + comma_list(d.val_fovs))
-
-    def make(path):
-      logging.info("ingesting CellSighter folder %s", d.cellsighter.root)
-      fovs = list(dict.fromkeys(settings["fovs"])) or None
-      return ingest.ingest_cellsighter(
-          d.cellsighter.root, path, class_names=d.cellsighter.class_names or None,
-          channels_file=d.cellsighter.channels_file or None,
-          blacklist=d.cellsighter.blacklist or None, fovs=fovs, chunk_size=d.chunk_size)
-    store = derived_store(workdir, "store", settings, "data.cellsighter", make)
-  else:
-    store = open_store(d.store)
-  if d.gating.rules:
-    rules = gating.parse_rules(d.gating.rules)
-
-    def make(path):
-      logging.info("gating landmark labels: %s", d.gating.rules)
-      return gating.gate_and_relabel(store, rules, path, percentile=d.gating.percentile)
-    store = derived_store(workdir, "store_gated", dict(d.gating.to_dict(), store=str(store.path)),
-                          "data.gating", make)
-  return store
+# ---------------------------------------------------------------- which cells
 
 
 @dataclasses.dataclass
@@ -255,7 +203,7 @@ def prepare(config, workdir) -> Plan:
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  store = open_run_store(config, workdir)
+  store = stores.open_run_store(config, workdir)
   classes = store.meta.classes
   if not classes:
     raise ConfigError("data.store", f"{store.path} has no labelled cells", "a store with labels")
