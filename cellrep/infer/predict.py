@@ -96,14 +96,15 @@ def predict(variables, predict_fn: Callable, batches: Iterable[dict], data_shard
             ) -> tuple[np.ndarray, np.ndarray]:
   """Runs `predict_fn` over host batches (padding has index -1).
 
-  Returns (indices [N] int64, member probabilities [N, M, classes] float32).
+  Returns (indices [N] int64, member outputs [N, M, ...] float32: probabilities [N, M,
+  classes] for a classifier).
   """
   indices, probs = [], []
   for batch in batches:
     keep = batch["index"] >= 0
     out = np.asarray(predict_fn(variables, to_device(batch, data_sharding)["crop"]))
     indices.append(batch["index"][keep])
-    probs.append(np.transpose(out, (1, 0, 2))[keep])
+    probs.append(np.swapaxes(out, 0, 1)[keep])  # [B, M, ...]
   return np.concatenate(indices), np.concatenate(probs)
 
 

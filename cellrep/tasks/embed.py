@@ -13,6 +13,9 @@ random: `model.*`, `ensemble.members` and `data.*` describe it. Writes into WORK
                        Metadata_label, the store's Metadata_* columns, and the features
                        <layer>_<i> (per channel: <channel>_<layer>_<i>), float32
   report/index.html    what was embedded, and a PCA map of the embeddings by class
+  deepprofiler/        with embed.deepprofiler=True: DeepProfiler's layout, index.csv and
+                       features/<plate>/<well>_<site>.npz (features, locations, metadata), as
+                       pycytominer's DeepProfiler loader reads it (cellrep.data.deepprofiler)
 
 The table is written in row groups as cells are embedded (a chunk at most
 `embed.memory_budget_mb` of features in memory), under a temporary name renamed at
@@ -34,7 +37,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from cellrep import config_util, files, models
-from cellrep.data import normalize as normalize_lib
+from cellrep.data import deepprofiler, normalize as normalize_lib
 from cellrep.data.store import Store, open_store
 from cellrep.data.transfer import parse_renames
 from cellrep.errors import ConfigError
@@ -68,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
                  per_channel=False,  # each marker alone through a one-channel model, concatenated
                  batch_size=256,
                  memory_budget_mb=256.0,  # features held before a row group is written
-                 dtype="auto")      # compute dtype (as predict.dtype)
+                 dtype="auto",      # compute dtype (as predict.dtype)
+                 deepprofiler=False)  # also WORKDIR/deepprofiler/: index.csv + one .npz a site
   c.transfer = dict(min_overlap=0.8, renames="")  # a trained model's channels in another store
   return c
 
@@ -158,11 +162,13 @@ def identity_columns(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
-                     keep: np.ndarray = np.zeros(0, np.int64)) -> tuple[int, pd.DataFrame]:
+                     keep: np.ndarray = np.zeros(0, np.int64), also=None
+                     ) -> tuple[int, pd.DataFrame]:
   """Writes the (row indices, features) chunks as one parquet file, a row group per chunk,
   under a temporary name renamed at the end.
 
   keep: sorted positions (in the order written) of rows to hand back as well.
+  also: called with (rows of `cells`, features) of every chunk (another format's writer).
   Returns (rows written, the kept rows as a table).
   """
   tmp = files.temporary(path)
@@ -175,6 +181,8 @@ def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
       mine = keep[(keep >= rows) & (keep < rows + len(index))] - rows
       kept.append(chunk.iloc[mine])
       frame = pa.Table.from_pandas(chunk, preserve_index=False)
+      if also is not None:
+        also(cells.iloc[index], features)
       if writer is None:
         writer = pq.ParquetWriter(tmp, frame.schema)
       writer.write_table(frame)
@@ -240,7 +248,11 @@ def run(config, workdir) -> dict:
   path = workdir / OUTPUT
   keep = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), MAP_CELLS),
                                                  replace=False))
-  written, sample = write_embeddings(path, chunks, store.cells, e.names, keep)
+  export = deepprofiler.Writer(workdir / "deepprofiler") if config.embed.deepprofiler else None
+  written, sample = write_embeddings(path, chunks, store.cells, e.names, keep,
+                                     also=export.add if export else None)
+  if export is not None:
+    logging.info("wrote %d sites in DeepProfiler's layout to %s", export.close(), export.dir)
   summary = {"model": what, "members": trained.members,
              "members combined": "mean" if config.embed.member < 0 else f"member {config.embed.member}",
              "layers": ", ".join(layers), "per channel": bool(config.embed.per_channel),

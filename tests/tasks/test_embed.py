@@ -125,3 +125,32 @@ def test_bad_settings_name_their_key_before_any_output(run, tmp_path, values, ke
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
     embed.run(_config(**values), tmp_path)
   assert not (tmp_path / embed.OUTPUT).exists()
+
+
+def test_deepprofiler_layout_reads_back_with_pycytominer(run, tmp_path):
+  import warnings
+
+  from pycytominer.cyto_utils import load
+  from pycytominer.cyto_utils.DeepProfiler_processing import DeepProfilerData
+
+  store, workdir = run
+  embed.run(_config(model_dir=str(workdir), **{"embed.deepprofiler": True,
+                                               "embed.memory_budget_mb": 0.01}), tmp_path)
+  table = pd.read_parquet(tmp_path / embed.OUTPUT)
+  features = [c for c in table.columns if not c.startswith("Metadata_")]
+  out = tmp_path / "deepprofiler"
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    data = DeepProfilerData(str(out / "index.csv"), str(out / "features"))
+  data.build_filenames()
+  assert len(data.filenames) == 3  # no plates in this store: one site per FOV
+  for path, fov in zip(data.filenames, ["fov0", "fov1", "fov2"]):
+    assert path.name == f"{fov}_1.npz"
+    got = load.load_npz_features(str(path))
+    rows = table[table.Metadata_fov_name == fov]
+    np.testing.assert_array_equal(got[[f"cellrep_{i}" for i in range(len(features))]].to_numpy(),
+                                  rows[features].to_numpy())
+    assert set(got.Metadata_Well) == {fov} and set(got.Metadata_Model) == {"cellrep"}
+    cells = store.cells[store.cells.fov_name == fov]
+    np.testing.assert_array_equal(load.load_npz_locations(str(path)).to_numpy(),
+                                  cells[["x", "y"]].to_numpy(np.float32))

@@ -10,7 +10,7 @@ import pytest
 
 from cellrep import models
 from cellrep.data.pipeline import data_sharding
-from cellrep.infer.predict import make_predict_fn
+from cellrep.infer.predict import make_predict_fn, predict as predict_batches
 from cellrep.models.layers import Conv, Taps
 from cellrep.models.masking import patch_mask
 from cellrep.train import objectives
@@ -94,6 +94,10 @@ def test_every_objective_trains_through_the_ensemble_step(kind, strategy, tmp_pa
   out = np.asarray(predict(state.variables, jnp.asarray(batch["crop"])))
   if kind == "reconstruction":
     assert out.shape == (MEMBERS, BATCH, SIZE, SIZE, CHANNELS)
+    batches = [dict(batch, index=np.arange(BATCH))]
+    index, per_cell = predict_batches(state.variables, predict, batches, data_sharding(mesh))
+    assert per_cell.shape == (BATCH, MEMBERS, SIZE, SIZE, CHANNELS)
+    np.testing.assert_allclose(per_cell, np.swapaxes(out, 0, 1), rtol=1e-6)
   else:
     assert out.shape == (MEMBERS, BATCH, CLASSES) and 0 <= out.min() and out.max() <= 1
     if kind == "softmax":
