@@ -1,14 +1,25 @@
 """Reading and writing the files cellrep keeps: JSON read with a clear error, outputs replaced
-whole (written under a temporary name in the same folder, then renamed), never half-written."""
+whole (written under a temporary name in the same folder, then renamed), never half-written.
+
+In a run of several processes only process 0 writes (`cellrep.distributed.is_writer`): the
+others skip these writes. A temporary left by an interrupted write (``.NAME.tmp``, or a
+store's ``.NAME.tmp-XXXXXXXX`` folder) is removed by `remove_temporaries` when the next run
+starts in that work directory.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
+import shutil
 from typing import Any
 
+from cellrep import distributed
 from cellrep.errors import InputError
+
+_TEMPORARY = re.compile(r"^\..+\.tmp(-[0-9a-f]{8})?$")
 
 
 def read_json(path, what: str) -> Any:
@@ -29,7 +40,27 @@ def temporary(path) -> pathlib.Path:
   return path.with_name(f".{path.name}.tmp")
 
 
+def remove_temporaries(directory, skip=("checkpoints",)) -> list[pathlib.Path]:
+  """Removes what interrupted writes left under `directory` (not under `skip`: orbax tidies
+  its own); returns what it removed."""
+  removed = []
+  for root, dirs, names in os.walk(directory):
+    dirs[:] = [d for d in dirs if d not in skip]
+    for name in list(dirs) + names:
+      if _TEMPORARY.match(name):
+        path = pathlib.Path(root) / name
+        if path.is_dir():
+          shutil.rmtree(path, ignore_errors=True)
+          dirs.remove(name)
+        else:
+          path.unlink(missing_ok=True)
+        removed.append(path)
+  return removed
+
+
 def write_text(path, text: str) -> None:
+  if not distributed.is_writer():
+    return
   path = pathlib.Path(path)
   tmp = temporary(path)
   tmp.write_text(text)
@@ -38,6 +69,8 @@ def write_text(path, text: str) -> None:
 
 def write_table(df, path) -> None:
   """Writes a DataFrame as parquet or CSV (by `path`'s suffix), without the index."""
+  if not distributed.is_writer():
+    return
   path = pathlib.Path(path)
   tmp = temporary(path)
   if path.suffix == ".csv":

@@ -4,10 +4,17 @@ r"""Runs one cellrep job from a config file.
   python -m cellrep.launch --config=configs/cellsighter.py:runlocal --workdir=DIR \
       --config.train.steps=200
 
+  # one run over several processes (each started so; launch/ has scripts that do it):
+  python -m cellrep.launch --config=... --workdir=DIR \
+      --coordinator=HOST:PORT --num_processes=N --process_id=I
+
 The config's `task` names a module of `cellrep.tasks` whose `run(config, workdir)`
-does the work. This file only parses flags, sets up logging, host-memory reuse
-(`cellrep.hostmem`) and the persistent compilation cache, and reports errors of
-input or configuration as one line on stderr with exit code 2.
+does the work. This file only parses flags, joins the processes of a multi-process
+run (`cellrep.distributed`: from the flags, CELLREP_* variables, or SLURM's or a TPU
+VM's environment), sets up logging, host-memory reuse (`cellrep.hostmem`) and the
+persistent compilation cache, removes what interrupted writes left in the work
+directory, and reports errors of input or configuration as one line on stderr with
+exit code 2.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cellrep import hostmem
+from cellrep import distributed, files, hostmem
 from cellrep.runtime import enable_compilation_cache
 from cellrep.errors import CellrepError
 
@@ -32,6 +39,13 @@ _CACHE = flags.DEFINE_string(
     "compilation_cache", os.environ.get("CELLREP_COMPILATION_CACHE",
                                         str(pathlib.Path.home() / ".cache" / "cellrep" / "jax")),
     "Persistent XLA compilation cache directory ('' disables it).")
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "HOST:PORT of process 0 in a run of several processes.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "CPU devices this process exposes (for runs on CPUs; default 1).")
 
 EXIT_USAGE = 2
 # Libraries whose INFO lines (one per checkpoint file, thread and timing) drown the run's own.
@@ -92,13 +106,31 @@ def main(argv):
     _fail("the config has no `task` field naming a module of cellrep.tasks")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = pathlib.Path(_WORKDIR.value)
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    _fail(f"--workdir {workdir}: cannot be created ({e.strerror or e})")
+  if not os.access(workdir, os.W_OK):
+    _fail(f"--workdir {workdir}: not writable")
+  try:
+    several = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                     _CPU_DEVICES.value)
+  except ValueError as e:
+    _fail(str(e))
   enable_compilation_cache(_CACHE.value)
+  if distributed.is_writer():
+    for path in files.remove_temporaries(workdir):
+      logging.info("removed %s, left by an interrupted write", path)
+  if several:
+    import jax
+    logging.info("process %d of %d, %d of %d devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
   logging.info("task %s, workdir %s\n%s", config.task, workdir, config)
   try:
     run_task(config, workdir)
   except CellrepError as e:
     _fail(str(e))
+  distributed.barrier("end of run")
 
 
 if __name__ == "__main__":

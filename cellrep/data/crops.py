@@ -50,15 +50,17 @@ def window(center: int, size: int, extent: int) -> tuple[int, int, int, int]:
 class CropSource:
   """Random access to cell-centred crops; implements Grain's RandomAccessDataSource protocol.
 
-  fov_cache_bytes: memory for whole decoded FOVs (images and masks); 0 turns it off.
+  fov_cache_bytes: memory for whole decoded FOVs (images and masks); 0 turns it off;
+  None: the store's `fov_cache_bytes` (1 GiB unless set).
   Pickles cheaply for Grain workers: the store reopens its TensorStore handles
   lazily and the FOV cache starts empty.
   """
 
-  def __init__(self, store: Store | str, crop_size: int, fov_cache_bytes: int = 1 << 30):
+  def __init__(self, store: Store | str, crop_size: int, fov_cache_bytes: int | None = None):
     self.store = open_store(store) if not isinstance(store, Store) else store
     self.crop_size = int(crop_size)
-    self.fov_cache_bytes = int(fov_cache_bytes)
+    self.fov_cache_bytes = int(self.store.fov_cache_bytes if fov_cache_bytes is None
+                               else fov_cache_bytes)
     cells = self.store.cells
     self._fov = cells.fov.to_numpy(np.int64)
     self._y = cells.y.to_numpy(np.int64)

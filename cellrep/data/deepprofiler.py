@@ -75,10 +75,11 @@ class Writer:
     else:
       self.sites.append(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = files.temporary(path).with_suffix(".npz")
+    tmp = files.temporary(path)
     plate, well, site = key
-    np.savez(tmp, features=features, locations=locations,
-             metadata={"Plate": plate, "Well": well, "Site": site, "Model": self.model})
+    with open(tmp, "wb") as f:  # a file object: np.savez adds no suffix to it
+      np.savez(f, features=features, locations=locations,
+               metadata={"Plate": plate, "Well": well, "Site": site, "Model": self.model})
     tmp.replace(path)
     self._parts = []
 

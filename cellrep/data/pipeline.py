@@ -14,6 +14,11 @@ and pads the last batch, so one compiled program serves all.
 
 A host batch is a dict of numpy arrays: crop [B, K+2, S, S] float32, label [B]
 int32, index [B] int64 (row of cells.parquet; -1 marks padding).
+
+In a run of several processes every process draws the same global batches of cell
+indices and reads only its own rows of each (`rows`, from
+`cellrep.distributed.local_rows`); `to_device` assembles the pieces into global
+arrays. One process reads every row: the same batches either way.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ from cellrep.data.crops import CropSource
 from cellrep.data.sampling import EpochSampler
 
 
+class TakeRows(grain.transforms.Map):
+  """A batch of cell indices -> this process's rows of it."""
+
+  def __init__(self, rows: slice):
+    self.rows = rows
+
+  def map(self, indices):
+    return indices[self.rows]
+
+
 class ReadCrops(grain.transforms.Map):
   """A batch of cell indices -> a batch of crop dicts, through a CropSource (pickled to workers)."""
 
@@ -40,15 +55,18 @@ class ReadCrops(grain.transforms.Map):
 
 
 def train_dataset(source: CropSource, sampler: EpochSampler, batch_size: int, *,
-                  workers: int = 0, threads: int = 8, prefetch: int = 2) -> grain.IterDataset:
+                  workers: int = 0, threads: int = 8, prefetch: int = 2,
+                  rows: slice = slice(None)) -> grain.IterDataset:
   """Batches of `batch_size` crops of the cells `sampler` draws; drops a last partial batch.
 
+  rows: the rows of each batch this process reads (default all).
   threads: batches read concurrently (each batch's reads are themselves parallel in
   TensorStore); prefetch: batches read ahead beyond those (host memory: threads +
   prefetch batches).
   """
   ds = (grain.MapDataset.source(sampler)
         .batch(batch_size, drop_remainder=True)
+        .map(TakeRows(rows))
         .map(ReadCrops(source))
         .to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                            prefetch_buffer_size=threads + prefetch)))
@@ -58,22 +76,38 @@ def train_dataset(source: CropSource, sampler: EpochSampler, batch_size: int, *,
 
 
 def eval_batches(source: CropSource, indices: np.ndarray, batch_size: int, *,
-                 threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
-  """Crops of `indices` in order, in batches of exactly `batch_size`; padding has index -1.
+                 threads: int = 8, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+  """Crops of `indices` in order, in batches of exactly `batch_size` (this process's
+  `rows` of them); padding has index -1.
 
   threads: batches read concurrently (Grain reads no more at once than it buffers, so
   the buffer holds `threads` batches).
   """
-  ds = (grain.MapDataset.source(np.asarray(indices, np.int64))
+  indices = np.asarray(indices, np.int64)
+  padded = np.full(-(-len(indices) // batch_size) * batch_size, -1, np.int64)
+  padded[:len(indices)] = indices
+  ds = (grain.MapDataset.source(padded)
         .batch(batch_size, drop_remainder=False)
-        .map(ReadCrops(source))
+        .map(TakeRows(rows))
+        .map(ReadValid(source))
         .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
-  for batch in ds:
-    n = len(batch["index"])
-    if n < batch_size:
-      batch = {k: _pad(v, batch_size) for k, v in batch.items()}
-      batch["index"][n:] = -1
-    yield batch
+  yield from ds
+
+
+class ReadValid(ReadCrops):
+  """ReadCrops of the indices ≥ 0 (padding comes last), padded back with zeros and index -1."""
+
+  def map(self, indices):
+    n, size = int((indices >= 0).sum()), len(indices)
+    if n == size:
+      return self.source.read(indices)
+    if n == 0:  # a process's rows of the last batch can be all padding
+      batch = self.source.read(np.zeros(1, np.int64))
+      batch = {k: _pad(v[:0], size) for k, v in batch.items()}
+    else:
+      batch = {k: _pad(v, size) for k, v in self.source.read(indices[:n]).items()}
+    batch["index"][n:] = -1
+    return batch
 
 
 def _pad(x: np.ndarray, size: int) -> np.ndarray:
@@ -87,7 +121,8 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
-def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """A host batch as global arrays sharded along the batch axis (works across hosts)."""
+def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              keys=("crop", "label")) -> dict[str, jax.Array]:
+  """A host batch (this process's rows) as global arrays sharded along the batch axis."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items() if k in ("crop", "label")}
+          for k, v in batch.items() if k in keys}

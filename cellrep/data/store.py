@@ -234,18 +234,33 @@ def _cache_context(cache_bytes: int) -> ts.Context:
 
 
 class Store:
-  """A read handle on a store. Cheap to pickle: TensorStore handles open lazily."""
+  """A read handle on a store. Cheap to pickle: TensorStore handles open lazily.
 
-  def __init__(self, path, meta: StoreMeta, cache_bytes: int = 256 << 20):
+  cache_bytes: TensorStore's chunk cache for each of the store's arrays; fov_cache_bytes:
+  the memory a `CropSource` reading this store holds decoded FOVs in (each Grain worker
+  process has its own). `with_memory` sets both.
+  """
+
+  def __init__(self, path, meta: StoreMeta, cache_bytes: int = 256 << 20,
+               fov_cache_bytes: int = 1 << 30):
     self.path = pathlib.Path(path)
     self.meta = meta
-    self.cache_bytes = cache_bytes
+    self.cache_bytes = int(cache_bytes)
+    self.fov_cache_bytes = int(fov_cache_bytes)
     self._cells = None
     self._images = None
     self._masks = None
 
   def __getstate__(self):
-    return {"path": self.path, "meta": self.meta, "cache_bytes": self.cache_bytes}
+    return {"path": self.path, "meta": self.meta, "cache_bytes": self.cache_bytes,
+            "fov_cache_bytes": self.fov_cache_bytes}
+
+  def with_memory(self, cache_bytes: int | None = None,
+                  fov_cache_bytes: int | None = None) -> "Store":
+    """The same store with other cache sizes (None keeps one)."""
+    return Store(self.path, self.meta,
+                 self.cache_bytes if cache_bytes is None else cache_bytes,
+                 self.fov_cache_bytes if fov_cache_bytes is None else fov_cache_bytes)
 
   def __setstate__(self, state):
     self.__init__(**state)

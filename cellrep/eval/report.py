@@ -24,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from cellrep.files import write_text  # noqa: E402
+from cellrep import distributed  # noqa: E402
+from cellrep.files import temporary, write_text  # noqa: E402
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -38,8 +39,11 @@ img { max-width: 100%; margin: 0.5em 0; }
 
 def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
   """Saves `fig` to `path` (atomically) and closes it."""
-  tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-  fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+  if not distributed.is_writer():
+    plt.close(fig)
+    return
+  tmp = temporary(path)
+  fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
   plt.close(fig)
   os.replace(tmp, path)
 

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cellrep import distributed
 from cellrep.data.crops import CropSource
-from cellrep.data.pipeline import data_sharding, eval_batches, to_device
+from cellrep.data.pipeline import data_sharding, eval_batches
 from cellrep.data.store import Store
-from cellrep.infer.predict import as_policy, make_ensemble_fn
+from cellrep.infer.predict import as_policy, device_outputs, make_ensemble_fn
 from cellrep.infer.trained import Trained, store_preprocess
 from cellrep.ops import policy as policy_lib
 from cellrep.train.state import create_variables
@@ -127,11 +128,11 @@ def embed_store(e: Embedder, store: Store, indices: np.ndarray | None = None, *,
   rows_per_chunk = max(batch_size, memory_budget // (4 * max(len(e.names), 1)))
   sharding = data_sharding(trained.mesh)
   pending_idx, pending, held = [], [], 0
-  for batch in eval_batches(CropSource(store, trained.crop_size), indices, batch_size,
-                            threads=threads):
-    keep = batch["index"] >= 0
-    out = np.asarray(e.fn(trained.variables, to_device(batch, sharding)["crop"]))  # [M, B, D]
-    pending_idx.append(batch["index"][keep])
+  batches = eval_batches(CropSource(store, trained.crop_size), indices, batch_size,
+                         threads=threads, rows=distributed.local_rows(sharding, batch_size))
+  for index, out in device_outputs(e.fn, trained.variables, batches, sharding):  # [M, B, D]
+    keep = index >= 0
+    pending_idx.append(index[keep])
     pending.append(out.mean(axis=0)[keep])
     held += int(keep.sum())
     if held >= rows_per_chunk:

@@ -8,7 +8,7 @@ says; the predictor and the embedding path (`cellrep.infer.embed`) are two uses.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cellrep import distributed
 from cellrep.data.pipeline import to_device
 from cellrep.ops import policy as policy_lib
 from cellrep.train.objectives import Objective, SoftmaxCrossEntropy
@@ -94,18 +95,27 @@ def make_predict_fn(model, preprocess: Callable[[jax.Array], jax.Array], mesh: M
 
 def predict(variables, predict_fn: Callable, batches: Iterable[dict], data_sharding
             ) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `predict_fn` over host batches (padding has index -1).
+  """Runs `predict_fn` over host batches (this process's rows of each; padding has index -1).
 
   Returns (indices [N] int64, member outputs [N, M, ...] float32: probabilities [N, M,
-  classes] for a classifier).
+  classes] for a classifier), the same whole result on every process of a run.
   """
   indices, probs = [], []
-  for batch in batches:
-    keep = batch["index"] >= 0
-    out = np.asarray(predict_fn(variables, to_device(batch, data_sharding)["crop"]))
-    indices.append(batch["index"][keep])
+  for index, out in device_outputs(predict_fn, variables, batches, data_sharding):
+    keep = index >= 0
+    indices.append(index[keep])
     probs.append(np.swapaxes(out, 0, 1)[keep])  # [B, M, ...]
   return np.concatenate(indices), np.concatenate(probs)
+
+
+def device_outputs(fn: Callable, variables, batches: Iterable[dict], data_sharding
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(global batch's indices [B], fn(variables, crops) [M, B, ...] as numpy) per host batch:
+  each process feeds its rows, every process gets the whole batch's outputs."""
+  for batch in batches:
+    on_device = to_device(batch, data_sharding, keys=("crop", "index"))
+    out = fn(variables, on_device["crop"])
+    yield distributed.to_host(on_device["index"]), distributed.to_host(out)
 
 
 def ensemble(member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

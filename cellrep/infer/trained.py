@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from cellrep import models
+from cellrep import distributed, models
 from cellrep.data import augment, normalize as normalize_lib, transfer
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
 from cellrep.data.pipeline import data_sharding, eval_batches
@@ -116,8 +116,10 @@ def predictor(trained: Trained, store: Store, **kwargs) -> tuple[Callable, trans
                          objective=trained.objective), cmap
 
 
-def array_batches(crops: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Host batches of exactly `batch_size` from crops [N, C, S, S]; padding has index -1."""
+def array_batches(crops: np.ndarray, batch_size: int, rows: slice = slice(None)
+                  ) -> Iterator[dict[str, np.ndarray]]:
+  """Host batches of exactly `batch_size` from crops [N, C, S, S] (this process's `rows` of
+  each); padding has index -1."""
   for start in range(0, len(crops), batch_size):
     chunk = np.asarray(crops[start:start + batch_size], np.float32)
     n = len(chunk)
@@ -125,7 +127,8 @@ def array_batches(crops: np.ndarray, batch_size: int) -> Iterator[dict[str, np.n
     batch[:n] = chunk
     index = np.full(batch_size, -1, np.int64)
     index[:n] = np.arange(start, start + n)
-    yield {"crop": batch, "label": np.zeros(batch_size, np.int32), "index": index}
+    yield {"crop": batch[rows], "label": np.zeros(batch_size, np.int32)[rows],
+           "index": index[rows]}
 
 
 def _batch_size(trained: Trained, batch_size: int) -> int:
@@ -139,9 +142,9 @@ def predict_crops(trained: Trained, predict_fn: Callable, crops: np.ndarray,
   """Member probabilities [N, M, classes] float32 of crops [N, C, S, S] held in memory."""
   if len(crops) == 0:
     return np.zeros((0, trained.members, len(trained.classes)), np.float32)
+  sharding, size = data_sharding(trained.mesh), _batch_size(trained, batch_size)
   _, probs = predict(trained.variables, predict_fn,
-                     array_batches(crops, _batch_size(trained, batch_size)),
-                     data_sharding(trained.mesh))
+                     array_batches(crops, size, distributed.local_rows(sharding, size)), sharding)
   return probs
 
 
@@ -155,10 +158,11 @@ def predict_store(trained: Trained, store: Store, indices: np.ndarray | None = N
   """
   fn, cmap = predictor(trained, store, **kwargs)
   indices = np.arange(len(store.cells)) if indices is None else np.asarray(indices)
+  sharding, size = data_sharding(trained.mesh), _batch_size(trained, batch_size)
   index, probs = predict(trained.variables, predict_fn or fn,
-                         eval_batches(CropSource(store, trained.crop_size), indices,
-                                      _batch_size(trained, batch_size), threads=threads),
-                         data_sharding(trained.mesh))
+                         eval_batches(CropSource(store, trained.crop_size), indices, size,
+                                      threads=threads, rows=distributed.local_rows(sharding, size)),
+                         sharding)
   return index, probs, cmap
 
 

@@ -35,7 +35,7 @@ from absl import logging
 from clu import parameter_overview
 from ml_collections import config_dict
 
-from cellrep import config_util, files
+from cellrep import config_util, distributed, files
 from cellrep.config_util import comma_list
 from cellrep.data import augment as augment_lib
 from cellrep.data import normalize as normalize_lib, synthetic
@@ -93,6 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
       normalize="none",                      # "none" (raw counts) | "p99" | "anscombe"
       workers=0,                             # Grain worker processes (0 = threads in-process)
       threads=8,                             # Grain reader threads
+      prefetch=2,                            # training batches read ahead beyond the threads'
+      **stores.memory_defaults(),
       fov_window=0,                          # >0: shuffle this many FOVs' cells at a time (FOV-local
                                              # order: each FOV decoded ~once per epoch; README Performance)
   )
@@ -142,6 +144,10 @@ def validate(config) -> None:
   check(c.data.crop_size >= c.data.input_size, "data.crop_size",
         f"{c.data.crop_size} < data.input_size {c.data.input_size}", "a read window at least the input size")
   check(0 < c.data.val_fraction < 1, "data.val_fraction", f"{c.data.val_fraction}", "a fraction in (0, 1)")
+  stores.check_memory(c)
+  check(c.data.prefetch >= 0, "data.prefetch", f"{c.data.prefetch}", "a number of batches ≥ 0")
+  check(c.data.threads >= 1, "data.threads", f"{c.data.threads}", "a number of threads ≥ 1")
+  check(c.data.workers >= 0, "data.workers", f"{c.data.workers}", "a number of processes ≥ 0")
   check(c.data.fov_window >= 0, "data.fov_window", f"{c.data.fov_window}",
         "0 (all cells shuffled together) or a number of FOVs shuffled together")
   with config_util.config_keys("model"):  # the model checks its own arguments
@@ -154,6 +160,8 @@ def validate(config) -> None:
   run_policy(c)
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
   check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
+  check(c.train.steps >= 0, "train.steps", f"{c.train.steps}", "a number of steps ≥ 1 (0: from train.epochs)")
+  check(c.train.epochs >= 0, "train.epochs", f"{c.train.epochs}", "a number of epochs ≥ 0")
   check(c.train.steps > 0 or c.train.epochs > 0, "train.steps", "neither steps nor epochs is set",
         "train.steps > 0 or train.epochs > 0")
   check(c.train.lr > 0 and math.isfinite(c.train.lr), "train.lr", f"{c.train.lr}", "a positive learning rate")
@@ -255,15 +263,17 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights,
                          fovs=store.cells.fov.to_numpy()[plan.train_idx],
                          fov_window=config.data.fov_window)
-  batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
-                               threads=config.data.threads))
-
-  # Model, optimizer, mesh and state (restored when a checkpoint exists).
   members = config.ensemble.members
   mesh = make_mesh(config.ensemble.mesh_member, config.ensemble.mesh_data)
   if members % mesh.shape["member"] or batch_size % mesh.shape["data"]:
     raise ConfigError("ensemble.mesh_member", f"mesh {dict(mesh.shape)} does not divide "
                       f"{members} members / batch {batch_size}", "divisors of members and batch size")
+  # Each process reads its rows of every global batch.
+  batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
+                               threads=config.data.threads, prefetch=config.data.prefetch,
+                               rows=distributed.local_rows(data_sharding(mesh), batch_size)))
+
+  # Model, optimizer and state (restored when a checkpoint exists).
   policy = run_policy(config)
   logging.info("%s", policy.describe())
   spec = model_spec(config, len(plan.classes))
@@ -303,11 +313,13 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
       return normalize_lib.normalize(augment(key, crops), config.data.normalize, plan.scales)
   step = make_train_step(MemberStep(policy.train_model(model), tx, preprocess, objective),
                          mesh, abstract, policy)
-  state = fit(state, step, batches, rng=jax.random.fold_in(rng, 1), num_steps=num_steps,
-              data_sharding=data_sharding(mesh), writer=writer, checkpointer=checkpointer,
-              checkpoint_every=config.train.checkpoint_every, log_every=config.train.log_every,
-              learning_rate=schedule, progress=config.progress)
-  checkpointer.close()
+  try:
+    state = fit(state, step, batches, rng=jax.random.fold_in(rng, 1), num_steps=num_steps,
+                data_sharding=data_sharding(mesh), writer=writer, checkpointer=checkpointer,
+                checkpoint_every=config.train.checkpoint_every, log_every=config.train.log_every,
+                learning_rate=schedule, progress=config.progress)
+  finally:
+    checkpointer.close()  # after the saves under way
   return trained_lib.Trained(model=model, variables=state.variables, classes=plan.classes,
                              channels=channels, input_size=input_size,
                              crop_size=config.data.crop_size, normalize=config.data.normalize,

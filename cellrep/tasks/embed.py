@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from absl import logging
 from ml_collections import config_dict
 
-from cellrep import config_util, files, models
+from cellrep import config_util, distributed, files, models
 from cellrep.data import deepprofiler, normalize as normalize_lib
 from cellrep.data.store import Store, open_store
 from cellrep.data.transfer import parse_renames
@@ -45,6 +45,7 @@ from cellrep.eval.report import Report
 from cellrep.infer import embed as embed_lib
 from cellrep.infer import trained as trained_lib
 from cellrep.ops import policy as policy_lib
+from cellrep.tasks import stores
 from cellrep.train.ensemble import make_mesh
 
 OUTPUT = "embeddings.parquet"
@@ -65,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
                 fovs="",          # FOV names to embed, comma-separated; "" = all
                 channels="",      # without model_dir: markers to use, in order; "" = all
                 crop_size=32, input_size=24, normalize="none",  # without model_dir
-                threads=8)
+                threads=8, **stores.memory_defaults())
   c.embed = dict(layers="pool",     # named layers, comma-separated, each mean-pooled, concatenated
                  member=-1,         # -1: the mean of the members' embeddings; else that member
                  per_channel=False,  # each marker alone through a one-channel model, concatenated
@@ -87,6 +88,7 @@ def _check(config) -> None:
   check(config.embed.memory_budget_mb > 0, "embed.memory_budget_mb",
         f"{config.embed.memory_budget_mb}", "a positive number of MiB")
   check(config.ensemble.members >= 1, "ensemble.members", f"{config.ensemble.members}", "≥ 1")
+  stores.check_memory(config)
   check(0 <= config.transfer.min_overlap <= 1, "transfer.min_overlap",
         f"{config.transfer.min_overlap}", "a fraction in [0, 1]")
   check(config.data.crop_size >= config.data.input_size >= 8, "data.crop_size",
@@ -119,14 +121,15 @@ def ensemble_and_store(config) -> tuple[trained_lib.Trained, Store, str]:
   per_channel = config.embed.per_channel
   if config.model_dir:
     trained = trained_lib.load(config.model_dir, dtype=config.embed.dtype)
-    store = open_store(config.data.store or trained_lib.trained_store(config.model_dir))
+    store = stores.with_memory(
+        open_store(config.data.store or trained_lib.trained_store(config.model_dir)), config)
     if per_channel and not config.random_init:
       raise ConfigError("embed.per_channel", f"the model of {config.model_dir} takes "
                         f"{trained.input_shape[-1]} channels together",
                         "a one-channel model: random_init=True, or a model pretrained per channel")
     what = f"{trained.spec.get('name')} of {config.model_dir}"
   else:
-    store = open_store(config.data.store)
+    store = stores.with_memory(open_store(config.data.store), config)
     trained = _random_ensemble(config, store)
     what = f"{trained.spec['name']} (config.model)"
   if config.random_init or not config.model_dir:
@@ -169,9 +172,10 @@ def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
 
   keep: sorted positions (in the order written) of rows to hand back as well.
   also: called with (rows of `cells`, features) of every chunk (another format's writer).
-  Returns (rows written, the kept rows as a table).
+  Returns (rows written, the kept rows as a table). In a run of several processes, process 0
+  writes; the others compute the same chunks and write nothing.
   """
-  tmp = files.temporary(path)
+  tmp, write = files.temporary(path), distributed.is_writer()
   writer, rows, kept = None, 0, []
   try:
     for index, features in chunks:
@@ -183,22 +187,24 @@ def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
       frame = pa.Table.from_pandas(chunk, preserve_index=False)
       if also is not None:
         also(cells.iloc[index], features)
-      if writer is None:
+      if write and writer is None:
         writer = pq.ParquetWriter(tmp, frame.schema)
-      writer.write_table(frame)
+      if write:
+        writer.write_table(frame)
       rows += len(index)
   except BaseException:
     if writer is not None:
       writer.close()
     tmp.unlink(missing_ok=True)
     raise
-  if writer is None:  # no cells: an empty table with the columns
-    pq.write_table(pa.Table.from_pandas(pd.concat(
-        [identity_columns(cells.iloc[:0]), pd.DataFrame(columns=list(names), dtype=np.float32)],
-        axis=1), preserve_index=False), tmp)
-  else:
-    writer.close()
-  os.replace(tmp, path)
+  if write:
+    if writer is None:  # no cells: an empty table with the columns
+      pq.write_table(pa.Table.from_pandas(pd.concat(
+          [identity_columns(cells.iloc[:0]), pd.DataFrame(columns=list(names), dtype=np.float32)],
+          axis=1), preserve_index=False), tmp)
+    else:
+      writer.close()
+    os.replace(tmp, path)
   return rows, pd.concat(kept) if kept else pd.DataFrame()
 
 
@@ -248,7 +254,8 @@ def run(config, workdir) -> dict:
   path = workdir / OUTPUT
   keep = np.sort(np.random.default_rng(0).choice(len(rows), min(len(rows), MAP_CELLS),
                                                  replace=False))
-  export = deepprofiler.Writer(workdir / "deepprofiler") if config.embed.deepprofiler else None
+  export = (deepprofiler.Writer(workdir / "deepprofiler")
+            if config.embed.deepprofiler and distributed.is_writer() else None)
   written, sample = write_embeddings(path, chunks, store.cells, e.names, keep,
                                      also=export.add if export else None)
   if export is not None:

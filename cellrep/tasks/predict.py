@@ -34,13 +34,15 @@ from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
 from cellrep.ops.policy import PREDICT_DTYPES
+from cellrep.tasks import stores
 
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "predict"
   c.model_dir = config_dict.placeholder(str)  # work directory of a trained classify run
-  c.data = dict(store=config_dict.placeholder(str), fovs="", threads=8)  # fovs: "" = all
+  c.data = dict(store=config_dict.placeholder(str), fovs="", threads=8,  # fovs: "" = all
+                **stores.memory_defaults())
   # dtype: "auto" = bfloat16 where its products are faster, else the model's (classify.py)
   c.predict = dict(batch_size=256, cellsighter_csv=True, dtype="auto")
   c.transfer = dict(min_overlap=0.8,   # least fraction of the model's channels the store must have
@@ -91,13 +93,14 @@ def run(config, workdir) -> dict:
   config_util.check(bool(config.model_dir), "model_dir", "not set",
                     "the work directory of a trained classify run")
   config_util.check(bool(config.data.store), "data.store", "not set", "the store to predict")
+  stores.check_memory(config)
   config_util.check(0 <= config.transfer.min_overlap <= 1, "transfer.min_overlap",
                     f"{config.transfer.min_overlap}", "a fraction in [0, 1]")
   config_util.check_choice(config, "predict.dtype", PREDICT_DTYPES)
   workdir = pathlib.Path(workdir)
   trained = trained_lib.load(config.model_dir, dtype=config.predict.dtype)
   logging.info("%s", trained.policy.describe())
-  store = open_store(config.data.store)
+  store = stores.with_memory(open_store(config.data.store), config)
   fovs = config_util.comma_list(config.data.fovs)
   unknown = sorted(set(fovs) - set(store.meta.fovs))
   config_util.check(not unknown, "data.fovs", f"unknown FOVs {unknown}",

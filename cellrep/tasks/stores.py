@@ -9,27 +9,47 @@ from typing import Callable
 
 from absl import logging
 
-from cellrep import config_util
+from cellrep import config_util, distributed, files
 from cellrep.config_util import comma_list
 from cellrep.data import gating, ingest, synthetic
 from cellrep.data.store import Store, open_store
 from cellrep.errors import ConfigError
 
 
+def memory_defaults() -> dict:
+  """The data.* keys bounding a run's read caches (every task reading a store has them)."""
+  return dict(fov_cache_mb=1024,         # decoded FOVs a crop reader holds (one per Grain worker)
+              tensorstore_cache_mb=256)  # TensorStore's chunk cache, per array of the store
+
+
+def check_memory(config) -> None:
+  for key in ("fov_cache_mb", "tensorstore_cache_mb"):
+    value = config.data[key]
+    config_util.check(value >= 0, f"data.{key}", f"{value}", "a size in MiB ≥ 0 (0: no cache)")
+
+
+def with_memory(store: Store, config) -> Store:
+  """`store` with the cache sizes of config.data (`memory_defaults`' keys)."""
+  return store.with_memory(cache_bytes=int(config.data.tensorstore_cache_mb * 2**20),
+                           fov_cache_bytes=int(config.data.fov_cache_mb * 2**20))
+
+
 def derived_store(workdir: pathlib.Path, name: str, settings: dict, key: str,
                    make: Callable[[pathlib.Path], Store]) -> Store:
-  """workdir/name, made once by `make`; a resumed run must ask for the same settings."""
+  """workdir/name, made once by `make` (by process 0 of a run of several, the others open it);
+  a resumed run must ask for the same settings."""
   path = workdir / name
   stamp = workdir / f"{name}.{key.split('.')[-1]}.json"
   wanted = json.dumps(settings, sort_keys=True)
-  if path.exists():
-    if stamp.exists() and stamp.read_text() != wanted:
-      raise ConfigError(key, f"differs from the settings that made {path}",
-                        "the same settings, or a new --workdir")
-    return open_store(path)
-  store = make(path)
-  stamp.write_text(wanted)
-  return store
+  with distributed.writer_first(f"store {path}") as writer:
+    if path.exists() or not writer:
+      if stamp.exists() and stamp.read_text() != wanted:
+        raise ConfigError(key, f"differs from the settings that made {path}",
+                          "the same settings, or a new --workdir")
+      return open_store(path)
+    store = make(path)
+    files.write_text(stamp, wanted)
+    return store
 
 
 def open_run_store(config, workdir: pathlib.Path) -> Store:
@@ -65,4 +85,4 @@ def open_run_store(config, workdir: pathlib.Path) -> Store:
       return gating.gate_and_relabel(store, rules, path, percentile=d.gating.percentile)
     store = derived_store(workdir, "store_gated", dict(d.gating.to_dict(), store=str(store.path)),
                           "data.gating", make)
-  return store
+  return with_memory(store, config)

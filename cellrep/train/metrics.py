@@ -2,8 +2,9 @@
 
 clu's metric writers import TensorFlow; this writer needs only tensorboardX.
 Only process 0 writes. A run resumed from a checkpoint at step s first drops the
-records after s (written by the interrupted run after its last checkpoint), so
-each step appears once.
+records after s (written by the interrupted run after its last checkpoint) and the
+evaluation records (``eval/*``, written again at the end of every run), so each step
+and each evaluation appears once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class MetricWriter:
       self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
 
   def _drop_after(self, step: int) -> None:
-    kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+    kept = [r for r in read_metrics(self.path.parent)
+            if r["step"] <= step and not any(k.startswith("eval/") for k in r)]
     write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, step: int, scalars: dict) -> None:

@@ -1,15 +1,18 @@
 import json
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 
 from cellrep.data import gating, ingest
 from cellrep.data.store import open_store
-from cellrep.errors import ConfigError
+from cellrep.errors import ConfigError, NonFiniteLossError
+from cellrep.infer import trained as trained_lib
 from cellrep.tasks import classify
 from cellrep.train.metrics import read_metrics
 from tests.data.helpers import square_cells_store
+from tests.tasks.helpers import override, tiny_config
 from tests.tasks.helpers import tiny_config as _tiny
 
 
@@ -94,3 +97,15 @@ def test_mibi_bootstrapped_from_gated_landmarks(shared_data, tmp_path):
   config.data.gating.rules = "T cell=CD3"
   with pytest.raises(ConfigError, match="data.gating"):
     classify.run(config, tmp_path / "run")
+
+
+def test_a_diverging_run_stops_and_keeps_a_finite_checkpoint(store, tmp_path):
+  # lr 1e30: the first update is finite but enormous, the next gradients are not.
+  config = override(tiny_config(store.path, steps=6), {
+      "data.val_fovs": "fov2", "train.lr": 1e30, "train.checkpoint_every": 1,
+      "train.keep_checkpoints": 1})
+  with pytest.raises(NonFiniteLossError, match="non-finite") as info:
+    classify.run(config, tmp_path / "run")
+  assert "last good checkpoint" in str(info.value)
+  trained = trained_lib.load(tmp_path / "run")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trained.variables))

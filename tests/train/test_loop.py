@@ -62,3 +62,35 @@ def test_hooks_metrics_and_checkpoint_contents(tmp_path):
                           fresh)
   np.testing.assert_allclose(restored.params["w"], state.params["w"])
   assert next(fresh)["crop"][0, 0, 0, 0] == 4  # the iterator resumes after 4 batches
+
+
+def _fit_until_error(tmp_path, step, checkpoint_every=1):
+  ckpt = Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+  with pytest.raises(NonFiniteLossError) as info:
+    fit(_state(), step, _batches(), rng=jax.random.key(0), num_steps=10,
+        data_sharding=data_sharding(make_mesh(1, 1)), writer=MetricWriter(tmp_path),
+        checkpointer=ckpt, checkpoint_every=checkpoint_every, log_every=1, progress=False)
+  ckpt.wait()
+  return str(info.value), ckpt
+
+
+def test_non_finite_gradients_stop_as_a_non_finite_loss(tmp_path):
+  def step(state, batch, rng):
+    new, metrics = _step(nan_at=-1)(state, batch, rng)
+    return new, dict(metrics, grad_norm=jnp.where(state.step + 1 >= 3, jnp.nan, 1.0))
+
+  message, ckpt = _fit_until_error(tmp_path, step)
+  assert "non-finite gradients at step 3" in message and "step 2" in message
+  assert ckpt.latest_step() == 2
+
+
+def test_non_finite_parameters_are_never_checkpointed(tmp_path):
+  # Loss and gradients finite, the update overflows: the state is checked before saving.
+  def step(state, batch, rng):
+    new, metrics = _step(nan_at=-1)(state, batch, rng)
+    w = jnp.where(state.step[:, None] + 1 >= 4, jnp.inf, new.params["w"])
+    return new.replace(params={"w": w}), metrics
+
+  message, ckpt = _fit_until_error(tmp_path, step)
+  assert "non-finite parameters at step 4" in message and "(step 3)" in message
+  assert ckpt.latest_step() == 3
