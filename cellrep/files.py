@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import shutil
+import tempfile
 from typing import Any
 
 from cellrep import distributed
@@ -38,6 +39,21 @@ def temporary(path) -> pathlib.Path:
   """Where `path` is written before it is renamed into place: a hidden name beside it."""
   path = pathlib.Path(path)
   return path.with_name(f".{path.name}.tmp")
+
+
+def writable_dir_problem(path) -> str | None:
+  """Why files cannot be written in folder `path` (made when missing), or None when they can:
+  tried for real (a probe file), since permission bits say nothing to root or of /proc."""
+  path = pathlib.Path(path)
+  try:
+    if path.exists() and not path.is_dir():
+      return "is a file, not a folder"
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    return f"cannot be written ({e.strerror or e})"
+  return None
 
 
 def remove_temporaries(directory, skip=("checkpoints",)) -> list[pathlib.Path]:

@@ -106,12 +106,9 @@ def main(argv):
     _fail("the config has no `task` field naming a module of cellrep.tasks")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   workdir = pathlib.Path(_WORKDIR.value)
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    _fail(f"--workdir {workdir}: cannot be created ({e.strerror or e})")
-  if not os.access(workdir, os.W_OK):
-    _fail(f"--workdir {workdir}: not writable")
+  problem = files.writable_dir_problem(workdir)
+  if problem:
+    _fail(f"--workdir {workdir}: {problem}")
   try:
     several = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                      _CPU_DEVICES.value)

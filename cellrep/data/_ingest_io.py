@@ -6,6 +6,7 @@ problem and what was expected; nothing here writes.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import zipfile
 from typing import Callable, Iterable, Sequence
@@ -50,10 +51,20 @@ def read_array(path: pathlib.Path) -> np.ndarray:
   """Pixels of an .npz or a TIFF (.tif/.tiff/.ome.tif), as stored."""
   if path.suffix.lower() == ".npz":
     return read_npz(path)
+  tiff_log = logging.getLogger("tifffile")
+  level = tiff_log.level
+  tiff_log.setLevel(logging.CRITICAL)  # its warnings about a damaged file: our one line says it
   try:
-    return tifffile.imread(path)
+    a = tifffile.imread(path)
   except Exception as e:  # tifffile raises many types for a damaged file
-    raise InputError(path, f"unreadable TIFF ({type(e).__name__}: {e})", "a TIFF image") from None
+    raise InputError(path, f"truncated or corrupt TIFF ({type(e).__name__}: {e})",
+                     "a complete TIFF image") from None
+  finally:
+    tiff_log.setLevel(level)
+  if a.size == 0 or a.ndim < 2:  # a header without an image: what a cut file can read as
+    raise InputError(path, f"truncated or corrupt TIFF (no image in it, shape {a.shape})",
+                     "a complete TIFF image")
+  return a
 
 
 def probe(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from cellrep.data.expression import expression_matrix
 from cellrep.data.store import Store, StoreWriter
-from cellrep.errors import InputError
+from cellrep.errors import BadValue, InputError
 
 Rules = Mapping[str, Sequence[str]]
 
@@ -129,10 +129,16 @@ def gate_and_relabel(store: Store, rules: Rules, out, *, percentile: float = 80.
                      cofactor: float | None = 5.0, overwrite: bool = False) -> Store:
   """Gates `store` and writes the labelled copy at `out`.
 
-  Classes keep the order of `rules`; a class no cell passes is left out, so every
-  class of the store has cells to train on.
+  Classes keep the order of `rules`. A class that no cell passes alone (its markers never
+  positive together, or every such cell positive for another class too) is a `BadValue`
+  of ``rules``: a model cannot learn a class without cells, and dropping it silently
+  would train on the others as if it had been asked for.
   """
   labels = gate_store(store, rules, percentile=percentile, cofactor=cofactor)
   present = set(labels.dropna())
-  return relabel_store(store, labels, pathlib.Path(out), classes=[c for c in rules if c in present],
-                       overwrite=overwrite)
+  empty = [c for c in rules if c not in present]
+  if empty:
+    raise BadValue("rules", f"classes {empty} match no cell of {store.path} at percentile "
+                   f"{percentile:g} (a cell positive for several classes stays unlabelled)",
+                   "rules each of which some cells pass alone")
+  return relabel_store(store, labels, pathlib.Path(out), classes=list(rules), overwrite=overwrite)

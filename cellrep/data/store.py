@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import tensorstore as ts
+from absl import logging
 
 from cellrep.errors import InputError
 from cellrep.files import read_json
@@ -178,6 +179,7 @@ class StoreWriter:
     cells = cells_from_mask(mask)
     if cells.empty:
       raise InputError(name, "segmentation has no cells", "at least one non-zero cell id")
+    warn_implausible(name, image, cells, self.meta.channels)
     labels = dict(labels or {})
     missing = sorted(set(labels) - set(cells.cell_id.tolist()))
     if missing:
@@ -231,6 +233,27 @@ class StoreWriter:
 
 def _cache_context(cache_bytes: int) -> ts.Context:
   return ts.Context({"cache_pool": {"total_bytes_limit": int(cache_bytes)}})
+
+
+# A "cell" covering more of its FOV than this is probably a background or tissue-free label.
+LARGE_CELL_FRACTION = 0.05
+
+
+def warn_implausible(fov: str, image: np.ndarray, cells: pd.DataFrame, channels) -> list[str]:
+  """Logs (and returns) warnings about data that is valid but probably not meant: cells
+  larger than LARGE_CELL_FRACTION of the FOV, channels that are zero everywhere."""
+  warnings = []
+  pixels = image.shape[-1] * image.shape[-2]
+  large = cells[cells.area > LARGE_CELL_FRACTION * pixels]
+  for cell_id, area in zip(large.cell_id.tolist()[:5], large.area.tolist()[:5]):
+    warnings.append(f"{fov}: cell {cell_id} covers {area / pixels:.0%} of the FOV ({area:,} px): "
+                    "a background or tissue-free region labelled as a cell?")
+  zero = [c for c, plane in zip(channels, image) if not plane.any()]
+  if zero:
+    warnings.append(f"{fov}: channels {zero} are zero everywhere")
+  for w in warnings:
+    logging.warning("%s", w)
+  return warnings
 
 
 class Store:

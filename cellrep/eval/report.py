@@ -51,8 +51,7 @@ def save_figure(fig, path: pathlib.Path, dpi: int = 110) -> None:
 class Report:
 
   def __init__(self, directory, title: str):
-    self.dir = pathlib.Path(directory)
-    self.dir.mkdir(parents=True, exist_ok=True)
+    self.dir = pathlib.Path(directory)  # made by the first figure or `write`: no empty report
     self.title = title
     self._parts: list[str] = []
 
@@ -72,6 +71,8 @@ class Report:
 
   def figure(self, fig, name: str, caption: str | None = None) -> None:
     file = f"{name}.png"
+    if distributed.is_writer():
+      self.dir.mkdir(parents=True, exist_ok=True)
     save_figure(fig, self.dir / file)
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
     self._parts.append(f'<figure><img src="{file}" alt="{html.escape(name)}">{cap}</figure>')
@@ -82,6 +83,8 @@ class Report:
             f"</title><style>{_STYLE}</style></head><body><h1>{html.escape(self.title)}</h1>\n"
             f"{body}\n</body></html>\n")
     out = self.dir / "index.html"
+    if distributed.is_writer():
+      self.dir.mkdir(parents=True, exist_ok=True)
     write_text(out, page)
     return out
 

@@ -45,6 +45,7 @@ from cellrep.data.expression import expression_matrix
 from cellrep.data.sampling import cap_per_class, parse_hierarchy
 from cellrep.data.store import Store, open_store
 from cellrep.eval import baselines, classification, learning_curve, saliency, simulate
+from cellrep.errors import ConfigError
 from cellrep.eval.report import Report
 from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
@@ -315,8 +316,15 @@ def _simulation_config(config) -> simulate.SimulationConfig:
 
 
 def _check(config) -> None:
-  """Every value the analyses will read, before the ensemble trains."""
+  """Every value the analyses will read, and what they need installed, before the ensemble
+  trains (the classify task's own keys first)."""
   c, check = config, config_util.check
+  classify.validate(c)
+  try:
+    import xgboost  # noqa: F401  (the XGBoost baseline: an optional extra)
+  except ImportError as e:
+    raise ConfigError("baseline", f"the XGBoost baseline needs the xgboost package ({e})",
+                      "pip install -e '.[xgboost]'") from None
   _thresholds(c)
   if c.simulate.enabled and c.simulate.class_a and c.simulate.marker_a and c.simulate.class_b \
       and c.simulate.marker_b:

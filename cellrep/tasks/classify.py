@@ -228,6 +228,10 @@ def prepare(config, workdir) -> Plan:
   if len(train_idx) == 0:
     raise ConfigError("data.val_fovs", "no labelled cells left to train on", "labelled training FOVs")
   steps_per_epoch, num_steps = _steps(config, len(train_idx))
+  overlap = sorted(set(train_fovs) & set(val_fovs))
+  if overlap:
+    logging.warning("held-out FOVs %s are also trained on: their scores are not of unseen "
+                    "cells (set data.val_fovs to FOVs left out of training)", ",".join(overlap))
   logging.info("%d training cells (%s), %d held-out cells (%s), %d steps", len(train_idx),
                ",".join(train_fovs), len(val_idx), ",".join(val_fovs), num_steps)
   return Plan(store, classes, labels, train_fovs, val_fovs, train_idx, val_idx, num_steps,
@@ -370,7 +374,10 @@ def evaluate(config, workdir, plan: Plan, trained: trained_lib.Trained, report: 
 
   report.key_values({"store": str(plan.store.path), "classes": ", ".join(plan.classes),
                      "training FOVs": ", ".join(plan.train_fovs),
-                     "held-out FOVs": ", ".join(plan.val_fovs), "members": trained.members,
+                     "held-out FOVs": ", ".join(plan.val_fovs) + (
+                         " (also trained on: not unseen cells)"
+                         if set(plan.val_fovs) & set(plan.train_fovs) else ""),
+                     "members": trained.members,
                      "model": f"{config.model.name} x{config.model.width}",
                      "normalisation": config.data.normalize, "steps": plan.num_steps,
                      "training cells": len(plan.train_idx)})

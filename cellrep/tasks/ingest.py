@@ -12,10 +12,10 @@ import uuid
 
 from absl import logging
 
-from cellrep import config_util
+from cellrep import config_util, distributed, files
 from cellrep.data import gating, ingest
-from cellrep.data.store import Store
-from cellrep.errors import InputError
+from cellrep.data.store import Store, open_store
+from cellrep.errors import ConfigError, InputError
 
 
 def _check(config) -> None:
@@ -41,11 +41,21 @@ def summary(store: Store) -> str:
 
 
 def run(config, workdir: pathlib.Path) -> Store:
+  """Process 0 of a run of several ingests; the others wait for it and open the store."""
   _check(config)
   out = pathlib.Path(config.ingest.output or pathlib.Path(workdir) / "store")
+  with distributed.writer_first(f"ingest {out}") as writer:
+    return _ingest(config, out) if writer else open_store(out)
+
+
+def _ingest(config, out: pathlib.Path) -> Store:
   rules = gating.parse_rules(config.gating.rules) if config.gating.rules else None
   if out.exists() and not config.ingest.overwrite:  # before minutes of reading, not after
     raise InputError(out, "already exists", "a new store path, or --config.ingest.overwrite=true")
+  problem = files.writable_dir_problem(out.parent)
+  if problem:
+    raise ConfigError("ingest.output", f"{out}: its folder {out.parent} {problem}",
+                      "a store path in a folder that can be written")
   logging.info("ingesting %s (%s) into %s", config.ingest.input, config.ingest.format, out)
   if rules is None:
     with config_util.config_keys("ingest"):
@@ -57,8 +67,9 @@ def run(config, workdir: pathlib.Path) -> Store:
     try:
       with config_util.config_keys("ingest"):
         store = ingest.ingest(config.ingest, out=raw)
-      store = gating.gate_and_relabel(store, rules, out, percentile=config.gating.percentile,
-                                      overwrite=config.ingest.overwrite)
+      with config_util.config_keys("gating"):
+        store = gating.gate_and_relabel(store, rules, out, percentile=config.gating.percentile,
+                                        overwrite=config.ingest.overwrite)
     finally:
       shutil.rmtree(raw, ignore_errors=True)
   logging.info("wrote %s", summary(store))

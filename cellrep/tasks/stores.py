@@ -82,7 +82,8 @@ def open_run_store(config, workdir: pathlib.Path) -> Store:
 
     def make(path):
       logging.info("gating landmark labels: %s", d.gating.rules)
-      return gating.gate_and_relabel(store, rules, path, percentile=d.gating.percentile)
+      with config_util.config_keys("data.gating"):
+        return gating.gate_and_relabel(store, rules, path, percentile=d.gating.percentile)
     store = derived_store(workdir, "store_gated", dict(d.gating.to_dict(), store=str(store.path)),
                           "data.gating", make)
   return with_memory(store, config)

@@ -8,7 +8,7 @@ import pytest
 
 from cellrep.data import gating, ingest
 from cellrep.data.store import StoreWriter
-from cellrep.errors import InputError
+from cellrep.errors import BadValue, InputError
 
 RULES = {"T cell": ["CD3"], "B cell": ["CD20"], "Tumor": ["PanKeratin", "ECadherin"]}
 
@@ -80,8 +80,13 @@ def test_gate_and_relabel_tiny_store(tiny_store, tmp_path):
                      ("b", 4): "T cell", ("b", 9): "B cell"}
   # Percentile gates are ranks: the monotone arcsinh does not change who passes.
   assert labels.equals(gating.gate_store(store, rules, percentile=50, cofactor=None))
+  # NK passes no cell alone (its cells are T and B cells too): refused, nothing written.
+  with pytest.raises(BadValue, match=r"\['NK'\] match no cell"):
+    gating.gate_and_relabel(store, rules, tmp_path / "gated", percentile=50)
+  assert not (tmp_path / "gated").exists()
+  del rules["NK"]
   out = gating.gate_and_relabel(store, rules, tmp_path / "gated", percentile=50)
-  assert out.meta.classes == ("T cell", "B cell")  # rule order; NK passed no cell
+  assert out.meta.classes == ("T cell", "B cell")  # rule order
   assert out.cells.label.fillna("-").tolist() == list(labels.fillna("-"))
   assert out.cells.Metadata_Plate.tolist() == ["P0"] * 3 + ["P1"] * 2
   for f in range(2):

@@ -178,7 +178,7 @@ def _bad_tiff(tmp_path, case):
   if case == "unreadable":
     _tiff_fov(root, chans, mask)
     (root / "TIFs" / "CD3.tiff").write_bytes(b"not a tiff at all")
-    return root, kw, ["CD3.tiff", "unreadable TIFF"]
+    return root, kw, ["CD3.tiff", "truncated or corrupt TIFF"]
   if case == "missing segmentation":
     _tiff_fov(root, chans, mask)
     (root / "segmentation.tiff").unlink()
