@@ -85,6 +85,31 @@ def process_count() -> int:
   return jax.process_count()
 
 
+def process_index() -> int:
+  import jax
+  return jax.process_index()
+
+
+def combine_disjoint(values: np.ndarray, mine: np.ndarray) -> np.ndarray:
+  """Each process computed `values[mine]` (its share, the shares disjoint): the whole array,
+  on every process."""
+  import jax
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+  # As 32-bit words: jax would round float64 to float32 on the way (x64 is off).
+  values = np.ascontiguousarray(values)
+  words = np.asarray(multihost_utils.process_allgather(values.view(np.uint32)))
+  every = words.view(values.dtype).reshape((-1,) + values.shape)  # [P, ...]
+  owners = np.asarray(multihost_utils.process_allgather(mine.astype(np.int32))).astype(bool)
+  if (owners.sum(axis=0) > 1).any():
+    raise ValueError("processes computed overlapping shares")
+  out = values.copy()
+  for p in range(len(every)):
+    out[owners[p]] = every[p][owners[p]]
+  return out
+
+
 def is_writer() -> bool:
   """Whether this process writes the run's shared files (process 0)."""
   import jax

@@ -58,6 +58,22 @@ while ((${#pids[@]})); do
     unset "pids[$i]"
     if ((rc != 0)); then
       status=$rc
+      if ((i > 0)) && [[ -n ${pids[0]:-} ]]; then
+        # Bad input fails every process alike: give process 0 a moment to say it itself.
+        for _ in {1..50}; do
+          kill -0 "${pids[0]}" 2>/dev/null || break
+          sleep 0.2
+        done
+        if ! kill -0 "${pids[0]}" 2>/dev/null; then
+          wait "${pids[0]}"
+          rc0=$?
+          unset "pids[0]"
+          if ((rc0 != 0)); then
+            stop
+            exit $rc0
+          fi
+        fi
+      fi
       stop
       # Process 0 printed its own error; another's is in its log.
       if ((i > 0)); then

@@ -67,13 +67,17 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multiprocess")
   dirs = {}
   for p in (1, 2):
-    w = {name: root / f"{name}{p}" for name in ("classify", "embed", "profiles")}
+    w = {name: root / f"{name}{p}" for name in ("classify", "embed", "profiles", "wells")}
     _run(p, CLASSIFY, w["classify"], root)
     _run(p, ["--config=configs/embed.py", f"--config.model_dir={root / 'classify1'}",
              "--config.embed.batch_size=24"], w["embed"], root)
     _run(p, ["--config=configs/profile_eval.py:by_class=Stroma",
              f"--config.input={w['embed'] / 'embeddings.parquet'}",
              "--config.retrieval.null_size=200"], w["profiles"], root)
+    # Generated wells ranked in many small blocks: each process ranks its share.
+    _run(p, ["--config=configs/profile_eval.py:synthetic", "--config.retrieval.null_size=200",
+             "--config.retrieval.memory_budget_mb=1", "--config.sphering.sweep="],
+         w["wells"], root)
     dirs[p] = w
   return dirs
 
@@ -93,6 +97,11 @@ def test_two_processes_embed_and_score_as_one(runs):
   _assert_same_table(runs[1]["embed"] / "embeddings.parquet",
                      runs[2]["embed"] / "embeddings.parquet")
   _assert_same_table(runs[1]["profiles"] / "map.parquet", runs[2]["profiles"] / "map.parquet")
+
+
+def test_two_processes_rank_their_shares_of_a_table_as_one(runs):
+  for name in ("ap.parquet", "map.parquet", "moa_map.parquet"):
+    _assert_same_table(runs[1]["wells"] / name, runs[2]["wells"] / name, atol=0)
 
 
 def test_a_failing_process_stops_the_run(tmp_path):

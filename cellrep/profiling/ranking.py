@@ -1,5 +1,9 @@
 """Host driver of the ranking kernels: blocks under a memory budget, column compaction.
 
+In a run of several processes (`cellrep.distributed`) the query blocks are dealt out
+round robin, each process ranks its own against the whole table, and the APs are
+gathered: every process ends with the one-process result.
+
 Queries are ordered so that a block's queries share their candidates (replicates
 of one treatment against the same controls); each block then ranks only the union
 of its candidates, padded to a few bucketed widths so that compilations are reused.
@@ -14,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cellrep import distributed
 from cellrep.profiling import kernels
 from cellrep.profiling.pairs import PairRules
 
@@ -183,8 +188,14 @@ def rank_queries(feats: np.ndarray, rules: PairRules, distance: str = "cosine",
   r_points = recall_points or n
   todo = np.flatnonzero(n_pos > 0)
   todo = todo[_cluster_order(rules, rows[todo], labels[todo])]
-  for s, q, ql, q_ok in _blocks(rows[todo], labels[todo], b):
+  # In a run of several processes each ranks every P-th block; the APs are then combined.
+  index, count = distributed.process_index(), distributed.process_count()
+  mine = np.zeros(u, bool)
+  for i, (s, q, ql, q_ok) in enumerate(_blocks(rows[todo], labels[todo], b)):
+    if i % count != index:
+      continue
     idx = todo[s]
+    mine[idx] = True
     cols = np.flatnonzero(np.asarray(
         kernels.candidate_union(codes, lab, q, ql, q_ok, rules=static))).astype(np.int32)
     w = _bucket(len(cols))
@@ -204,4 +215,7 @@ def rank_queries(feats: np.ndarray, rules: PairRules, distance: str = "cosine",
     ap[idx] = ap_from_ranks(ranks, n_pos[idx])
     if interpolated:
       iap[idx] = interpolated_ap_from_ranks(ranks, n_pos[idx], r_points)
+  if count > 1:
+    ap = distributed.combine_disjoint(ap, mine)
+    iap = distributed.combine_disjoint(iap, mine) if interpolated else None
   return Ranked(rows, labels, n_pos, n_neg, ap, iap)
