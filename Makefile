@@ -39,9 +39,13 @@ $(BENCH_STAMP): $(STAMP)
 	touch $@
 
 # About an hour on a 2-core CPU; each benchmark writes its JSON as it goes (bench_ensemble one
-# file per case group, bench_inference one per batch size), then report.py tables them all.
+# file per case group, bench_inference one per batch size; replicate AP at 100,000 wells, under
+# the retrieval's default 512 MiB block budget, in profiling_100000.json), then report.py
+# tables them all.
 bench: $(BENCH_STAMP)
 	set -e; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py; done
+	$(PY) benchmarks/bench_profiling.py --sizes=100000 --cases=ap_activity \
+	  --reference-max-wells=0 --repeats=1 --out=benchmarks/results/profiling_100000.json
 	$(PY) benchmarks/report.py --docs docs/performance.md
 
 clean:

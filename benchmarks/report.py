@@ -232,13 +232,16 @@ def profiling(runs: dict[str, dict]) -> list[str]:
                  + (f" | {ours['peak_rss_gib']:.2f} GiB |" if "peak_rss_gib" in ours
                     else " | — |"))
   first = next(iter(runs.values()))
-  later = sorted({source[k] for k in rows} - {next(iter(runs))})
+  later = sorted({source[k] for k in rows if _reference(rows[k]) is not None} - {next(iter(runs))})
+  alone = sorted({source[k] for k in rows if _reference(rows[k]) is None} - {next(iter(runs))})
   lines.append(f"\n{first.get('data', '')}; the same wells for both sides, one process per "
                "(case, size, implementation), cellrep the median of warm calls (compilation "
                "excluded), the reference timed once (or the median of --reference-repeats); "
                "ratio = reference / cellrep; peak RSS of the case's process."
                + "".join(f" Rows whose reference `{n}.json` measured are from that run."
-                         for n in later))
+                         for n in later)
+               + "".join(f" Rows of `{n}.json` (cellrep alone) are from that run, on its machine."
+                         for n in alone))
   return lines
 
 
