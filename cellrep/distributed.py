@@ -42,7 +42,20 @@ def _cluster_env() -> bool:
   task, or CELLREP_DISTRIBUTED=1: JAX finds the others itself)."""
   if os.environ.get(ENV_DISTRIBUTED) == "1":
     return True
-  return int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
+  # SLURM_STEP_NUM_TASKS is set by srun for its tasks: a plain `python` line in a batch
+  # script of several tasks is one process, not one of several.
+  return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1 and "SLURM_PROCID" in os.environ
+
+
+def _local_gpus() -> list[int] | None:
+  """Every GPU this process sees (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN), or None."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    n = len([d for d in visible.split(",") if d.strip()])
+  else:
+    n = len([d for d in os.listdir("/dev") if d[len("nvidia"):].isdigit() and
+             d.startswith("nvidia")]) if os.path.isdir("/dev") else 0
+  return list(range(n)) or None
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -76,7 +89,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if explicit:
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
   else:
-    jax.distributed.initialize()
+    # JAX's SLURM detection gives each task only the GPU numbered by its SLURM_LOCALID; a
+    # task per node (launch/slurm.sbatch) drives all of its node's GPUs.
+    slurm = "SLURM_PROCID" in env and env.get(ENV_DISTRIBUTED) != "1"
+    jax.distributed.initialize(local_device_ids=_local_gpus() if slurm else None)
   return True
 
 

@@ -9,8 +9,9 @@
 # Process 0 prints to this terminal; process i > 0 logs to
 # ${CELLREP_LOG_DIR:-${TMPDIR:-/tmp}}/cellrep-<port>-<i>.log. When one process fails the
 # others are stopped and its exit code is this script's. Environment: PYTHON (default
-# python3, or .venv/bin/python when it exists), CELLREP_PORT (default a free port).
-set -uo pipefail
+# python3, or .venv/bin/python when it exists), CELLREP_PORT (default a free port),
+# JAX_PLATFORMS (default cpu: on a GPU machine one process drives all its GPUs).
+set -o pipefail  # not -u: bash < 4.4 calls an empty array unbound
 
 if [[ $# -lt 1 || ! $1 =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: launch/local.sh N ARGS... (N: the number of processes)" >&2
@@ -26,6 +27,8 @@ port=${CELLREP_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(
 logs=${CELLREP_LOG_DIR:-${TMPDIR:-/tmp}}
 mkdir -p "$logs"
 
+# Processes of one machine share its CPUs; GPUs would be claimed by every process at once.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 pids=()
 # JAX's multi-process runtime takes SIGTERM as a preemption notice: after 5 s, SIGKILL.
 stop() {

@@ -115,7 +115,8 @@ def device_outputs(fn: Callable, variables, batches: Iterable[dict], data_shardi
   for batch in batches:
     on_device = to_device(batch, data_sharding, keys=("crop", "index"))
     out = fn(variables, on_device["crop"])
-    yield distributed.to_host(on_device["index"]), distributed.to_host(out)
+    # The index travels as int32 (x64 is off): row numbers of stores under 2**31 cells.
+    yield distributed.to_host(on_device["index"]).astype(np.int64), distributed.to_host(out)
 
 
 def ensemble(member_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -272,6 +272,10 @@ def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trai
   if members % mesh.shape["member"] or batch_size % mesh.shape["data"]:
     raise ConfigError("ensemble.mesh_member", f"mesh {dict(mesh.shape)} does not divide "
                       f"{members} members / batch {batch_size}", "divisors of members and batch size")
+  if distributed.process_count() > 1 and mesh.size != jax.device_count():
+    raise ConfigError("ensemble.mesh_data", f"mesh {dict(mesh.shape)} leaves some of the run's "
+                      f"{jax.device_count()} devices (and processes) out",
+                      "a mesh over every device in a run of several processes (mesh_data=-1)")
   # Each process reads its rows of every global batch.
   batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
                                threads=config.data.threads, prefetch=config.data.prefetch,

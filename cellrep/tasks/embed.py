@@ -195,7 +195,8 @@ def write_embeddings(path: pathlib.Path, chunks, cells: pd.DataFrame, names,
   except BaseException:
     if writer is not None:
       writer.close()
-    tmp.unlink(missing_ok=True)
+    if write:  # another process's failure must not remove process 0's file
+      tmp.unlink(missing_ok=True)
     raise
   if write:
     if writer is None:  # no cells: an empty table with the columns
