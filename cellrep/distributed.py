@@ -17,12 +17,14 @@ What each process does differently is only what it reads and writes:
 `initialize` starts the runtime from explicit arguments (`python -m cellrep.launch
 --coordinator=host:port --num_processes=N --process_id=i`) or from the environment
 that SLURM provides, or (CELLREP_DISTRIBUTED=1) the cluster JAX detects, such as a
-TPU-VM pod; with none of these it does nothing and the run is one process. On CPUs the processes' collectives go through Gloo.
+TPU-VM pod; with none of these it does nothing and the run is one process. On CPUs the
+processes' collectives go through Gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from typing import Iterator
 
@@ -53,8 +55,7 @@ def _local_gpus() -> list[int] | None:
   if visible is not None:
     n = len([d for d in visible.split(",") if d.strip()])
   else:
-    n = len([d for d in os.listdir("/dev") if d[len("nvidia"):].isdigit() and
-             d.startswith("nvidia")]) if os.path.isdir("/dev") else 0
+    n = len(glob.glob("/dev/nvidia[0-9]*"))
   return list(range(n)) or None
 
 

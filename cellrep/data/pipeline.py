@@ -86,12 +86,12 @@ def eval_batches(source: CropSource, indices: np.ndarray, batch_size: int, *,
   indices = np.asarray(indices, np.int64)
   padded = np.full(-(-len(indices) // batch_size) * batch_size, -1, np.int64)
   padded[:len(indices)] = indices
-  ds = (grain.MapDataset.source(padded)
-        .batch(batch_size, drop_remainder=False)
-        .map(TakeRows(rows))
-        .map(ReadValid(source))
-        .to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads)))
-  yield from ds
+  return iter(grain.MapDataset.source(padded)
+              .batch(batch_size, drop_remainder=False)
+              .map(TakeRows(rows))
+              .map(ReadValid(source))
+              .to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                 prefetch_buffer_size=threads)))
 
 
 class ReadValid(ReadCrops):

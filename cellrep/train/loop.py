@@ -78,13 +78,12 @@ def fit(state, step_fn, batches: Iterator, *, rng: jax.Array, num_steps: int, da
     if done % log_every == 0 or save or is_last:
       summary = _summarise(pending)
       loss = summary["loss"]
-      for name in ("loss", "grad_norm"):
-        finite = np.isfinite(summary[name]) if name in summary else np.ones(1, bool)  # [steps, M]
+      for name, what in (("loss", "loss"), ("grad_norm", "gradients")):
+        finite = np.isfinite(summary.get(name, loss))  # [steps, M]
         if not finite.all():
           first_bad = done - len(pending) + int(np.argmin(finite.all(axis=1))) + 1
           members = np.where(~finite.all(axis=0))[0].tolist()
-          _stop("loss" if name == "loss" else "gradients", first_bad, members, checkpointer,
-                last_good)
+          _stop(what, first_bad, members, checkpointer, last_good)
       elapsed = time.perf_counter() - t0
       scalars = {f"train/{k}": float(np.mean(v)) for k, v in summary.items()}
       scalars["train/loss_member_max"] = float(np.max(np.mean(loss, axis=0)))

@@ -13,9 +13,9 @@ import json
 import math
 import pathlib
 
-import jax
 import numpy as np
 
+from cellrep import distributed
 from cellrep.files import write_text
 
 
@@ -30,7 +30,7 @@ def _plain(v):
 class MetricWriter:
 
   def __init__(self, workdir, tensorboard: bool = True, resume_step: int | None = None):
-    self.enabled = jax.process_index() == 0
+    self.enabled = distributed.is_writer()
     workdir = pathlib.Path(workdir)
     self.path = workdir / "metrics.jsonl"
     self._tb = None
