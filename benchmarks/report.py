@@ -194,6 +194,34 @@ def hostmem(r: dict) -> list[str]:
   return lines
 
 
+MEMORY_RUNS = {"demo": "`make demo` (configs/demo.py)",
+               "cellsighter": "configs/cellsighter.py:runlocal",
+               "mibi47": "one {channels}-channel 1024^2 FOV, ResNet-18 x1/4, 3 members, {steps} steps"}
+
+
+def memory(r: dict) -> list[str]:
+  lines = ["| run | peak RSS, reuse on | peak RSS, `--nokeep_freed_memory` | wall s, on / off |",
+           "|---|---:|---:|---:|"]
+  for name, label in MEMORY_RUNS.items():
+    case = r["cases"].get(name)
+    if not case:
+      continue
+    runs = case.get("runs", case)
+    on, off = runs["keep"], runs["nokeep"]
+    lines.append(f"| {label.format(**case)} | {on['peak_rss_gib']:.2f} GiB | "
+                 f"{off['peak_rss_gib']:.2f} GiB | {on['wall_s']:.0f} / {off['wall_s']:.0f} |")
+  stream = r["cases"].get("stream")
+  if stream:
+    stores = stream["stores"]
+    lines.append(f"\nOne pass of the training pipeline over every cell of a store, read caches "
+                 f"bounded to {stream['budget_mib']} MiB (`data.fov_cache_mb={stream['fov_cache_mb']}`, "
+                 f"`data.tensorstore_cache_mb={stream['tensorstore_cache_mb']}` per array): "
+                 + "; ".join(f"store {k} the budget ({v['store_mib']:.0f} MiB decoded, {v['fovs']} "
+                             f"FOVs) peaks at {v['peak_rss_gib']:.2f} GiB" for k, v in stores.items())
+                 + f" ({stream['peak_growth_5x_over_1x']:.2f}x).")
+  return lines
+
+
 PROFILING_CASES = {  # case: (row label, what it matches)
     "sphering_all": ("Sphering, fit on all wells", "pycytominer `normalize`"),
     "sphering_controls": ("Sphering, fit on control wells only", "pycytominer `normalize`"),
@@ -283,6 +311,7 @@ def markdown(results=benchlib.RESULTS) -> str:
     sections.append((None, [name], lambda rs: inference(*rs.values(), floors)))
   sections += [("Host-memory reuse", ["hostmem"], lambda rs: hostmem(*rs.values())),
                ("Crop pipeline", ["pipeline"], lambda rs: pipeline(*rs.values())),
+               ("Peak memory of runs", ["memory"], lambda rs: memory(*rs.values())),
                ("Profiling kernels", ["profiling", *_further(results, "profiling")], profiling)]
   parts = []
   for title, names, fn in sections:

@@ -16,7 +16,10 @@ faults. The process then keeps its peak heap (which it needs again on the next
 step). Call it first thing in a process, before jax starts XLA's threads (those
 created earlier keep their own arenas). The same as starting the process with
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1``. A no-op off
-glibc (macOS, musl) and with ``CELLREP_KEEP_FREED_MEMORY=0``.
+glibc (macOS, musl); off with ``CELLREP_KEEP_FREED_MEMORY=0`` or ``python -m
+cellrep.launch --nokeep_freed_memory``, which bounds a process by the memory it holds
+live rather than by its peak heap grown by fragmentation (up to 2x more: 7.4 vs 3.4 GB
+for one 47-channel run, docs/performance.md).
 """
 
 from __future__ import annotations

@@ -46,6 +46,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the run.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "CPU devices this process exposes (for runs on CPUs; default 1).")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory", os.environ.get("CELLREP_KEEP_FREED_MEMORY", "1") != "0",
+    "Keep freed host memory in the process for the next step (cellrep.hostmem): faster "
+    "CPU steps; --nokeep_freed_memory bounds the process by what it holds live instead of "
+    "its peak heap (docs/performance.md, Memory).")
 
 EXIT_USAGE = 2
 # Libraries whose INFO lines (one per checkpoint file, thread and timing) drown the run's own.
@@ -91,6 +96,8 @@ def run_task(config, workdir: pathlib.Path):
 
 
 def main(argv):
+  # Before jax starts XLA's threads (flags are parsed; no backend is up yet).
+  kept = _KEEP_FREED_MEMORY.value and hostmem.keep_freed_memory()
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
   try:
@@ -122,6 +129,8 @@ def main(argv):
     import jax
     logging.info("process %d of %d, %d of %d devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+  logging.info("host memory: %s", "freed buffers kept for reuse (cellrep.hostmem)" if kept else
+               "freed buffers returned to the system")
   logging.info("task %s, workdir %s\n%s", config.task, workdir, config)
   try:
     run_task(config, workdir)
@@ -131,5 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  hostmem.keep_freed_memory()  # before jax starts XLA's threads
   app.run(main, flags_parser=_parse_flags)

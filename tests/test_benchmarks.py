@@ -44,6 +44,17 @@ def test_peak_and_pipeline_quick(tmp_path):
   assert "Reference FLOP rate" in text and "Crop pipeline" in text
 
 
+def test_memory_quick_streams_a_store_under_its_cache_budget(tmp_path):
+  memory = _quick("memory", tmp_path, "--cases", "stream")
+  stream = memory["cases"]["stream"]
+  one, five = stream["stores"]["1x"], stream["stores"]["5x"]
+  assert one["returncode"] == five["returncode"] == 0
+  assert five["store_mib"] >= 4.5 * stream["budget_mib"] and five["fovs"] > one["fovs"]
+  assert one["peak_rss_gib"] > 0.1 and five["peak_rss_gib"] > 0.1
+  text = _run("report.py", "--results", str(tmp_path))
+  assert "Peak memory of runs" in text and "store 5x the budget" in text
+
+
 @pytest.mark.slow  # compiles seven train steps and seven predictors: a few minutes
 def test_ensemble_and_inference_quick_and_report(tmp_path):
   with_torch = importlib.util.find_spec("torch") is not None  # the bench extra

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from cellrep import hostmem
+from tests.conftest import REPO, SHARED_DATA
 
 
 def _launch(*args, tmp_path):
@@ -50,3 +51,14 @@ def test_bad_store_path_names_the_file(tmp_path):
                 tmp_path=tmp_path)
   assert out.returncode == 2 and "missing" in out.stderr and "store.json" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag,said", [("--keep_freed_memory", "kept for reuse"),
+                                       ("--nokeep_freed_memory", "returned to the system")])
+def test_host_memory_reuse_is_a_flag(flag, said, tmp_path):
+  if said.startswith("kept") and not hostmem.on_glibc():
+    pytest.skip("glibc malloc only")
+  out = _launch("--config=configs/ingest.py", flag, "--config.ingest.channels=CD3,CD20",
+                f"--config.ingest.input={SHARED_DATA / 'mibi_fov8'}", tmp_path=tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"host memory: freed buffers {said}" in out.stderr

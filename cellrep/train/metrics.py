@@ -1,6 +1,7 @@
-"""Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard events (tensorboardX).
+"""Metrics to `metrics.jsonl` (one JSON object per line) and TensorBoard events.
 
-clu's metric writers import TensorFlow; this writer needs only tensorboardX.
+clu's metric writers import TensorFlow and tensorboardX imports PyTorch when it is
+installed; the events are written by `cellrep.train.events`, which needs neither.
 Only process 0 writes. A run resumed from a checkpoint at step s first drops the
 records after s (written by the interrupted run after its last checkpoint) and the
 evaluation records (``eval/*``, written again at the end of every run), so each step
@@ -17,6 +18,7 @@ import numpy as np
 
 from cellrep import distributed
 from cellrep.files import write_text
+from cellrep.train.events import EventWriter
 
 
 def _plain(v):
@@ -37,9 +39,8 @@ class MetricWriter:
     if self.enabled and resume_step is not None:
       self._drop_after(resume_step)
     if self.enabled and tensorboard:
-      from tensorboardX import SummaryWriter
       purge = None if resume_step is None else resume_step + 1
-      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+      self._tb = EventWriter(workdir / "tensorboard", purge_step=purge)
 
   def _drop_after(self, step: int) -> None:
     kept = [r for r in read_metrics(self.path.parent)
@@ -53,10 +54,8 @@ class MetricWriter:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for k, v in scalars.items():
-        if np.ndim(v) == 0 and isinstance(_plain(v), (int, float)):
-          self._tb.add_scalar(k, float(v), int(step))
-      self._tb.flush()
+      self._tb.write(int(step), {k: float(v) for k, v in scalars.items()
+                                 if np.ndim(v) == 0 and isinstance(_plain(v), (int, float))})
 
   def close(self) -> None:
     if self._tb is not None:
