@@ -10,7 +10,7 @@ Variants (`:arg`, comma-separated):
                                       embeddings.parquet): each FOV x cell class is a well, the
                                       class its treatment, one plate, class C's wells the controls
 
-Reads a parquet (or CSV) profile table whose metadata columns start with
+Reads a parquet (or CSV, or compressed CSV such as pycytominer's .csv.gz) profile table whose metadata columns start with
 `Metadata_`; writes WORKDIR/ap.parquet (AP per treated well against controls),
 map.parquet (mAP and p-values per treatment), moa_ap.parquet / moa_map.parquet
 (same-MoA retrieval between treatments), enrichment.parquet, strength.parquet,
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_util.parse_arg(arg, synthetic=False, level="well", by_class="")
   config = ml_collections.ConfigDict()
   config.task = "profile_eval"
-  config.input = config_dict.placeholder(str)  # profiles .parquet/.csv (unless synthetic)
+  config.input = config_dict.placeholder(str)  # profiles .parquet/.csv/.csv.gz (unless synthetic)
   config.synthetic = args.synthetic            # generate a well table instead of reading one
   config.level = args.level                    # rows of the input: "cell", "site" or "well"
 
@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   sphering.method = "ZCA"          # ZCA, PCA, ZCA-cor, PCA-cor; "none" skips sphering
   sphering.reg = 1e-2              # λ added to the eigenvalues
   sphering.knee = False            # λ = eigenvalue at the knee / 10 instead of `reg`
+  sphering.epsilon = config_dict.placeholder(float)  # pycytominer's ε on singular values
+                                   # (e.g. 1e-6, its default) instead of λ; unset = λ
   sphering.per_plate = False       # fit on each plate's own controls
   sphering.sweep = "1e-4,1e-3,1e-2,1e-1,1"  # λ values of the mAP-vs-λ plot; "" = none
 

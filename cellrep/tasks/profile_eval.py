@@ -34,13 +34,18 @@ ONE_PLATE = "Metadata_one_plate"
 
 def _check(config) -> None:
   config_util.check(bool(config.input) or config.synthetic, "input", "not set",
-                    "a profiles .parquet/.csv, e.g. --config.input=wells.parquet")
+                    "a profiles .parquet/.csv/.csv.gz, e.g. --config.input=wells.parquet")
   config_util.check_choice(config, "level", ("cell", "site", "well"))
   config_util.check_choice(config, "sphering.method", sphering.METHODS + ("none",))
   config_util.check_choice(config, "retrieval.distance", ("cosine", "correlation", "euclidean"))
   config_util.check_choice(config, "retrieval.null_method", significance.NULL_METHODS)
   config_util.check(config.sphering.reg >= 0, "sphering.reg", f"{config.sphering.reg}",
                     "a non-negative λ")
+  eps = config.sphering.epsilon
+  if eps is not None:
+    config_util.check(eps > 0, "sphering.epsilon", f"{eps}", "a positive ε (or unset)")
+    config_util.check(not config.sphering.knee, "sphering.epsilon", "set with sphering.knee",
+                      "one regularisation: epsilon (pycytominer's) or reg / knee")
   config_util.check(config.retrieval.null_size > 0, "retrieval.null_size",
                     f"{config.retrieval.null_size}", "a positive number of null samples")
   config_util.check(0 < config.retrieval.percentile < 100, "retrieval.percentile",
@@ -54,14 +59,28 @@ def _check(config) -> None:
     comma_list(config.sphering.sweep, float, field="sweep")
 
 
+# pandas infers these compressions from the name (pycytominer writes .csv.gz by default).
+_COMPRESSED = (".gz", ".bz2", ".zip", ".xz", ".zst")
+EXPECTED_TABLE = "a profiles .parquet, .csv or compressed .csv (.csv.gz, ...) file"
+
+
 def read_profiles(path) -> pd.DataFrame:
+  """A profile table in a format pycytominer writes: parquet, CSV, or CSV compressed."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise InputError(path, "does not exist", "a profiles .parquet or .csv file")
+    raise InputError(path, "does not exist", EXPECTED_TABLE)
+  suffixes = [x.lower() for x in path.suffixes]
+  is_csv = bool(suffixes) and (suffixes[-1] in (".csv", ".tsv") or (
+      len(suffixes) > 1 and suffixes[-1] in _COMPRESSED and suffixes[-2] in (".csv", ".tsv")))
   try:
-    return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    if is_csv:
+      sep = "\t" if ".tsv" in suffixes[-2:] else ","
+      return pd.read_csv(path, sep=sep)  # compression from the suffix
+    return pd.read_parquet(path)
   except Exception as e:  # pyarrow and pandas raise many types for unreadable files
-    raise InputError(path, f"cannot be read: {e}", "a parquet or CSV table") from None
+    kind = "CSV" if is_csv else "parquet"
+    raise InputError(path, f"cannot be read as {kind}: {' '.join(str(e).split())[:200]}",
+                     EXPECTED_TABLE) from None
 
 
 def load_wells(config, workdir: pathlib.Path) -> tuple[pd.DataFrame, str]:
@@ -103,10 +122,12 @@ def run(config, workdir: pathlib.Path) -> dict:
   features = tables.feature_columns(wells)
   tables.feature_matrix(wells, features, source)  # refuse NaN / text features here
   controls = sphering.control_mask(wells, config.controls, source)
-  reg = "knee" if s.knee else s.reg
+  # pycytominer's ε on singular values replaces λ on eigenvalues when set.
+  reg = 0.0 if s.epsilon is not None else ("knee" if s.knee else s.reg)
   by = plate if s.per_plate else None
   if s.method != "none":
-    wells = sphering.sphere(wells, controls, s.method, reg=reg, by=by, source=source)
+    wells = sphering.sphere(wells, controls, s.method, reg=reg, epsilon=s.epsilon, by=by,
+                            source=source)
     features = tables.feature_columns(wells)
   wells[REFERENCE] = np.where(controls, np.arange(len(wells)), -1)
   meta, x = wells[tables.metadata_columns(wells)], wells[features].to_numpy(np.float32)
@@ -124,6 +145,7 @@ def run(config, workdir: pathlib.Path) -> dict:
   summary = {"wells": len(wells), "control wells": int(controls.sum()),
              "treatments": int(maps.shape[0]), "features": len(features),
              "sphering": s.method, "λ": reg if isinstance(reg, str) else float(reg),
+             **({} if s.epsilon is None else {"ε (pycytominer)": float(s.epsilon)}),
              "activity mAP (mean over treatments)": float(maps.mean_average_precision.mean()),
              "fraction of treatments retrieved (corrected p < threshold)":
                  float(maps.below_corrected_p.mean())}

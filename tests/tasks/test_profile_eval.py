@@ -60,6 +60,32 @@ def test_cell_level_input(tmp_path):
   assert summary["wells"] == 8 * 3 + 8
 
 
+def test_pycytominer_csv_gz_and_its_epsilon_sphering(tmp_path, wells_file):
+  """A table pycytominer wrote (.csv.gz), sphered with its ε: the numbers of pycytominer's
+  own sphering followed by cellrep's scoring."""
+  from pycytominer import normalize
+  from pycytominer.cyto_utils import output
+  df = pd.read_parquet(wells_file)
+  feats = [c for c in df.columns if not c.startswith("Metadata_")]
+  meta = [c for c in df.columns if c.startswith("Metadata_")]
+  gz = tmp_path / "wells.csv.gz"
+  output(df, str(gz))
+  ours = run_task(small_config(input=str(gz), **{"sphering.epsilon": 1e-6}), tmp_path / "a")
+  assert ours["ε (pycytominer)"] == 1e-6
+  sphered = normalize(df, features=feats, meta_features=meta, samples="Metadata_control == True",
+                      method="spherize", spherize_method="ZCA", spherize_epsilon=1e-6)
+  sphered.to_parquet(tmp_path / "sphered.parquet")
+  theirs = run_task(small_config(input=str(tmp_path / "sphered.parquet"),
+                                 **{"sphering.method": "none"}), tmp_path / "b")
+  key = "activity mAP (mean over treatments)"
+  assert ours[key] == pytest.approx(theirs[key], abs=1e-4)
+  with pytest.raises(ConfigError, match="sphering.epsilon"):
+    run_task(small_config(input=str(gz), **{"sphering.epsilon": 0.0}), tmp_path / "c")
+  (tmp_path / "bad.csv.gz").write_bytes(b"not gzip")
+  with pytest.raises(InputError, match="bad.csv.gz: cannot be read as CSV"):
+    run_task(small_config(input=str(tmp_path / "bad.csv.gz")), tmp_path / "d")
+
+
 def test_bad_input_is_one_clear_error(tmp_path, wells_file):
   df = pd.read_parquet(wells_file)
   with pytest.raises(InputError, match="does not exist"):
