@@ -8,6 +8,9 @@ Variants (`:arg`, comma-separated):
                                      gated from lineage markers (T cell, B cell,
                                      Tumor, Stroma)
   configs/ingest.py:format=cellsighter   a CellSighter data folder
+  configs/ingest.py:format=deepprofiler  a DeepProfiler project's inputs folder (index.csv,
+                                         images, nuclei locations; --config.ingest.channels=
+                                         DNA,RNA,ER,AGP,Mito)
 
 Writes the store to `ingest.output` (default WORKDIR/store). Lists (channels,
 fovs, class_names, blacklist) are comma-separated strings, so a name with a
@@ -50,6 +53,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ingest.channels_file = config_dict.placeholder(str)  # default INPUT/channels.txt
   ingest.blacklist = ""                  # channels to drop, comma-separated (CellSighter's blacklist)
   ingest.class_names = ""                # name of class id 0, 1, ...; "" = the ids as names
+
+  # deepprofiler: INPUT/metadata/index.csv, INPUT/images/, INPUT/locations/ (DeepProfiler's
+  # project inputs); ingest.channels names the index columns of the channel images.
+  ingest.index = config_dict.placeholder(str)      # default INPUT/metadata/index.csv
+  ingest.images = config_dict.placeholder(str)     # image paths are relative to it; default INPUT/images
+  ingest.locations = config_dict.placeholder(str)  # default INPUT/locations
+  ingest.location_pattern = "{Plate}/{Well}-{Site}-Nuclei.csv"
+  ingest.location_columns = "Nuclei_Location_Center_X,Nuclei_Location_Center_Y"
+  ingest.label_field = ""                # index column of each site's class (its treatment); "" = none
+  ingest.illumination = True             # per plate and channel illumination correction
+  ingest.illum_scale = 0.25              # the mean image is computed at this fraction of the size
+  ingest.illum_median = 25               # median filter size (pixels at that scale)
+  ingest.illum_floor = 2.0               # floor of the function, a percentile of itself
+  ingest.stretch = "0.05,99.95"          # percentiles stretched onto 0..255 per image (uint8)
 
   # Landmark labels from marker gates, replacing any input labels; "" = off.
   config.gating = gating = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 """Raw images → a cellrep store: validated once, here, at the boundary.
 
-Two input layouts:
+Three input layouts (the third, DeepProfiler's project inputs, in
+`cellrep.data.deepprofiler_project`):
 
 * **tiff folder** (one TIFF per channel): ``FOV/TIFs/<channel>.tif[f]`` plus a
   label image ``FOV/segmentation.tiff``, either one FOV directory or a directory
@@ -37,7 +38,7 @@ from cellrep.data._ingest_io import Labels, read_channels_file, read_labels_tabl
 from cellrep.data.store import Store, StoreWriter
 from cellrep.errors import BadValue, InputError
 
-FORMATS = ("tiff_folder", "cellsighter")
+FORMATS = ("tiff_folder", "cellsighter", "deepprofiler")
 _TIFF = (".tif", ".tiff")
 
 
@@ -311,6 +312,21 @@ def ingest(cfg: Mapping, out=None) -> Store:
     raise BadValue("output", "not set", "the store directory to write")
   common = dict(fovs=get("fovs"), overwrite=bool(get("overwrite", False)),
                 chunk_size=int(get("chunk_size", 64)))
+  if fmt == "deepprofiler":
+    from cellrep.data.deepprofiler_project import ingest_deepprofiler
+    try:
+      stretch = [float(v) for v in raw.names(get("stretch", "0.05,99.95")) or []]
+    except ValueError:
+      raise BadValue("stretch", f"{get('stretch')!r}", "two percentiles, e.g. 0.05,99.95") from None
+    return ingest_deepprofiler(
+        get("input"), out, channels=raw.names(get("channels")) or [], index=get("index"),
+        images=get("images"), locations=get("locations"), label_column=get("label_field", ""),
+        location_pattern=get("location_pattern", "{Plate}/{Well}-{Site}-Nuclei.csv"),
+        location_columns=raw.names(get("location_columns",
+                                       "Nuclei_Location_Center_X,Nuclei_Location_Center_Y")),
+        illumination=bool(get("illumination", True)), illum_scale=float(get("illum_scale", 0.25)),
+        illum_median=int(get("illum_median", 25)), illum_floor=float(get("illum_floor", 2.0)),
+        stretch=stretch, **common)
   if fmt == "cellsighter":
     return ingest_cellsighter(get("input"), out, class_names=get("class_names"),
                               channels_file=get("channels_file"), blacklist=get("blacklist"),

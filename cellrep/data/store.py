@@ -123,6 +123,24 @@ def cells_from_mask(mask: np.ndarray) -> pd.DataFrame:
   })
 
 
+def _cells_from_centres(name: str, centres, shape: tuple[int, int]) -> pd.DataFrame:
+  if centres is None:
+    raise ValueError("write_fov needs a mask or centres")
+  yx = np.asarray(centres).reshape(-1, 2)
+  if not np.issubdtype(yx.dtype, np.integer):
+    if not np.isfinite(yx).all():
+      raise InputError(name, "a cell centre is not a finite number", "pixel coordinates")
+    yx = np.floor(yx).astype(np.int64)
+  outside = ~((yx >= 0) & (yx < np.asarray(shape))).all(axis=1)
+  if outside.any():
+    i = int(np.flatnonzero(outside)[0])
+    raise InputError(name, f"{int(outside.sum())} cell centres outside the {shape[0]}x{shape[1]} "
+                     f"image, first (y, x) = {tuple(int(v) for v in yx[i])}", "centres inside it")
+  return pd.DataFrame({"cell_id": np.arange(1, len(yx) + 1, dtype=np.int64),
+                       "y": yx[:, 0].astype(np.int32), "x": yx[:, 1].astype(np.int32),
+                       "area": np.zeros(len(yx), np.int32)})
+
+
 class StoreWriter:
   """Writes a store FOV by FOV; nothing appears at `path` until `commit()`.
 
@@ -162,21 +180,28 @@ class StoreWriter:
     self._cells: list[pd.DataFrame] = [None] * n
     self._done = False
 
-  def write_fov(self, index: int, image: np.ndarray, mask: np.ndarray,
+  def write_fov(self, index: int, image: np.ndarray, mask: np.ndarray | None,
                 labels: Mapping[int, str | None] | None = None,
-                metadata: Mapping[str, object] | None = None) -> None:
+                metadata: Mapping[str, object] | None = None, *,
+                centres: np.ndarray | None = None) -> None:
     """image: [K, H, W]; mask: [H, W] int cell ids; labels: cell id -> class name or None.
 
     metadata: Metadata_* values that apply to every cell of this FOV.
+    centres: instead of a mask (None), cells given by their centres [n, 2] (y, x) pixel
+      indices, as nuclei locations are (DeepProfiler): ids 1..n in that order, area 0, and
+      an all-zero mask (no cell outlines).
     """
     name = self.meta.fovs[index]
     h, w = self.meta.fov_shapes[index]
     if image.shape != (len(self.meta.channels), h, w):
       raise InputError(name, f"image shape {image.shape}",
                        f"{(len(self.meta.channels), h, w)} [channel, y, x]")
-    if mask.shape != (h, w):
-      raise InputError(name, f"segmentation shape {mask.shape}", f"{(h, w)}, the image's shape")
-    cells = cells_from_mask(mask)
+    if mask is None:
+      cells = _cells_from_centres(name, centres, (h, w))
+    else:
+      if mask.shape != (h, w):
+        raise InputError(name, f"segmentation shape {mask.shape}", f"{(h, w)}, the image's shape")
+      cells = cells_from_mask(mask)
     if cells.empty:
       raise InputError(name, "segmentation has no cells", "at least one non-zero cell id")
     warn_implausible(name, image, cells, self.meta.channels)
@@ -193,7 +218,8 @@ class StoreWriter:
         raise ValueError(f"metadata column {key!r} must start with 'Metadata_'")
       cells[key] = value
     self._images[index, :, :h, :w].write(image.astype(self.meta.dtype, copy=False)).result()
-    self._masks[index, :h, :w].write(mask.astype(np.int32, copy=False)).result()
+    if mask is not None:  # else the fill value: zeros
+      self._masks[index, :h, :w].write(mask.astype(np.int32, copy=False)).result()
     self._cells[index] = cells
 
   def commit(self) -> "Store":
