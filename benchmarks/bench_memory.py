@@ -14,7 +14,8 @@ read by `os.wait4`); wall seconds beside it. Runs train with host-memory reuse o
                more made from them (flipped, shifted, Poisson-resampled), ingested with
                its gated landmark labels, then a small model on that one FOV: ResNet-18
                x1/4, 3 members, 32 px input (40 px window), batch 64, 20 steps
-               (--quick: its 22 channels, 4 steps)
+               (--quick: its 22 channels, 4 steps); and bounded, reuse off with
+               ``ensemble.strategy=map`` (one member's step temporaries at a time)
   stream       one pass of the training pipeline (`train_dataset`, 8 threads, batch 128,
                60 px crops of 14 uint16 markers) over every cell of a store 1x and 5x the
                read caches' budget (`data.fov_cache_mb` + `data.tensorstore_cache_mb` per
@@ -95,12 +96,15 @@ def mibi47(tmp: pathlib.Path, quick: bool) -> dict:
   folder = make_fov(tmp / "in", channels)
   ingest = launch("configs/ingest.py:mibi", tmp / "ingest", f"--config.ingest.input={folder}")
   store = tmp / "ingest" / "store"
-  runs = both("configs/demo.py", tmp / "run", "--config.data.source=store",
-              f"--config.data.store={store}", "--config.data.val_fovs=",
-              "--config.model.width=0.25", "--config.ensemble.members=3",
-              "--config.data.crop_size=40", "--config.data.input_size=32",
-              f"--config.train.steps={steps}", "--config.train.batch_size=64",
-              "--config.train.checkpoint_every=10")
+  args = ("configs/demo.py", tmp / "run", "--config.data.source=store",
+          f"--config.data.store={store}", "--config.data.val_fovs=",
+          "--config.model.width=0.25", "--config.ensemble.members=3",
+          "--config.data.crop_size=40", "--config.data.input_size=32",
+          f"--config.train.steps={steps}", "--config.train.batch_size=64",
+          "--config.train.checkpoint_every=10")
+  runs = both(*args)
+  # Bounded: freed memory returned and one member's step temporaries at a time.
+  runs["bounded"] = launch(*args, "--config.ensemble.strategy=map", reuse="nokeep")
   return {"channels": channels, "steps": steps, "ingest": ingest, "runs": runs}
 
 

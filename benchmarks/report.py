@@ -202,6 +202,7 @@ MEMORY_RUNS = {"demo": "`make demo` (configs/demo.py)",
 def memory(r: dict) -> list[str]:
   lines = ["| run | peak RSS, reuse on | peak RSS, `--nokeep_freed_memory` | wall s, on / off |",
            "|---|---:|---:|---:|"]
+  bounded = ""
   for name, label in MEMORY_RUNS.items():
     case = r["cases"].get(name)
     if not case:
@@ -210,6 +211,13 @@ def memory(r: dict) -> list[str]:
     on, off = runs["keep"], runs["nokeep"]
     lines.append(f"| {label.format(**case)} | {on['peak_rss_gib']:.2f} GiB | "
                  f"{off['peak_rss_gib']:.2f} GiB | {on['wall_s']:.0f} / {off['wall_s']:.0f} |")
+    if "bounded" in runs:
+      b = runs["bounded"]
+      bounded = (f"\nThe {case['channels']}-channel run bounded (`--nokeep_freed_memory "
+                 f"--config.ensemble.strategy=map`): {b['peak_rss_gib']:.2f} GiB, {b['wall_s']:.0f} s."
+                 + (f" Its rows: {case['note']} ({case['started']})." if "note" in case else ""))
+  if bounded:
+    lines.append(bounded)
   stream = r["cases"].get("stream")
   if stream:
     stores = stream["stores"]

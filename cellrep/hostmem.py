@@ -18,7 +18,7 @@ created earlier keep their own arenas). The same as starting the process with
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1``. A no-op off
 glibc (macOS, musl); off with ``CELLREP_KEEP_FREED_MEMORY=0`` or ``python -m
 cellrep.launch --nokeep_freed_memory``, which bounds a process by the memory it holds
-live rather than by its peak heap grown by fragmentation (up to 2x more: 7.4 vs 3.4 GB
+live rather than by its peak heap grown by fragmentation (up to 2x more: 5.5 vs 2.9 GiB
 for one 47-channel run, docs/performance.md).
 """
 
