@@ -122,6 +122,8 @@ def test_keras_h5_import_equals_keras(tmp_path):
 
 
 def test_torchvision_import_equals_torchvision():
+  # With the bench extra (torch, torchvision); CI's test extra has Keras only: the one
+  # CPU-only torch build this machine's index holds has no torchvision built for it.
   torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   torch.manual_seed(0)
