@@ -60,6 +60,19 @@ def read_image(path: pathlib.Path) -> np.ndarray:
   return a
 
 
+def _image_shape(path: pathlib.Path) -> tuple[int, ...]:
+  """An image's shape from its header (pixels are read only where the header cannot say)."""
+  if path.suffix.lower() not in _PNG:
+    return tuple(raw.squeeze(raw.probe(path)[0]))
+  from PIL import Image
+  try:
+    with Image.open(path) as im:  # reads the header, not the pixels
+      width, height = im.size
+      return (height, width) if len(im.getbands()) == 1 else tuple(read_image(path).shape)
+  except Exception:
+    return tuple(read_image(path).shape)  # its one-line error for a damaged file
+
+
 def _read_index(path: pathlib.Path, channels: Sequence[str], label_column: str) -> pd.DataFrame:
   if not path.is_file():
     raise InputError(path, "not found", "DeepProfiler's metadata/index.csv (or set ingest.index)")
@@ -138,9 +151,7 @@ def ingest_deepprofiler(root, out, *, channels: Sequence[str], index=None, image
     for p in paths:
       if not p.is_file():
         raise InputError(p, "image not found", f"the {name} image that {index_path.name} names")
-      shape = (raw.squeeze(raw.probe(p)[0]) if p.suffix.lower() not in _PNG
-               else read_image(p).shape)
-      shapes.add(tuple(shape))
+      shapes.add(_image_shape(p))
     if len(shapes) != 1:
       raise InputError(paths[0], f"site {name}: channel images of shapes {sorted(shapes)}",
                        "one size for every channel of a site")

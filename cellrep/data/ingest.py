@@ -313,17 +313,16 @@ def ingest(cfg: Mapping, out=None) -> Store:
   common = dict(fovs=get("fovs"), overwrite=bool(get("overwrite", False)),
                 chunk_size=int(get("chunk_size", 64)))
   if fmt == "deepprofiler":
-    from cellrep.data.deepprofiler_project import ingest_deepprofiler
+    from cellrep.data import deepprofiler_project as dp
     try:
       stretch = [float(v) for v in raw.names(get("stretch", "0.05,99.95")) or []]
     except ValueError:
       raise BadValue("stretch", f"{get('stretch')!r}", "two percentiles, e.g. 0.05,99.95") from None
-    return ingest_deepprofiler(
+    return dp.ingest_deepprofiler(
         get("input"), out, channels=raw.names(get("channels")) or [], index=get("index"),
         images=get("images"), locations=get("locations"), label_column=get("label_field", ""),
-        location_pattern=get("location_pattern", "{Plate}/{Well}-{Site}-Nuclei.csv"),
-        location_columns=raw.names(get("location_columns",
-                                       "Nuclei_Location_Center_X,Nuclei_Location_Center_Y")),
+        location_pattern=get("location_pattern", dp.LOCATION_PATTERN),
+        location_columns=raw.names(get("location_columns", dp.LOCATION_COLUMNS)),
         illumination=bool(get("illumination", True)), illum_scale=float(get("illum_scale", 0.25)),
         illum_median=int(get("illum_median", 25)), illum_floor=float(get("illum_floor", 2.0)),
         stretch=stretch, **common)

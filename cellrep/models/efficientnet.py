@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from cellrep.errors import BadValue
-from cellrep.models.layers import Conv, Taps
+from cellrep.models.layers import Conv, Taps, check_choices
 from cellrep.ops.policy import CONV_IMPLS, DTYPES, dtype_name
 
 # (expansion, kernel, stride, output channels, repeats) per stage.
@@ -161,11 +161,8 @@ def create(name: str = "efficientnet_b0", *, num_classes: int, dropout: float = 
   if not bn_epsilon > 0 or not 0 <= bn_momentum < 1:
     raise BadValue("bn_epsilon", f"epsilon {bn_epsilon}, momentum {bn_momentum}",
                    "epsilon > 0 and momentum in [0, 1)")
-  for field, value, choices in (("padding", padding, PADDINGS),
-                                ("dtype", dtype_name(dtype), DTYPES),
-                                ("conv_impl", conv_impl, CONV_IMPLS)):
-    if value not in choices:
-      raise BadValue(field, f"{value!r} is not a known choice", f"one of {list(choices)}")
+  check_choices(("padding", padding, PADDINGS), ("dtype", dtype_name(dtype), DTYPES),
+                ("conv_impl", conv_impl, CONV_IMPLS))
   return EfficientNet(num_classes=num_classes, dropout=dropout, drop_connect=drop_connect,
                       padding=padding, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum,
                       dtype=jnp.dtype(dtype), conv_impl=conv_impl)

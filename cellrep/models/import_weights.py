@@ -62,6 +62,11 @@ def _put(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
   tree[path[-1]] = value
 
 
+def _text(name) -> str:
+  """An HDF5 attribute string (h5py gives bytes or str)."""
+  return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _keras_value(layer: str, name: str, value: np.ndarray) -> np.ndarray:
   # A DepthwiseConv2D's kernel (Keras 2: depthwise_kernel, Keras 3: kernel) is [kh, kw, C, 1];
   # as a grouped convolution's it is [kh, kw, 1, C].
@@ -87,9 +92,10 @@ def from_keras_h5(path) -> Imported:
                        "a file from Keras' model.save('x.h5') or save_weights('x.h5')")
     variables: dict = {"params": {}, "batch_stats": {}}
     transform, num_classes = None, 0
-    for layer in (n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["layer_names"]):
+    layers = [_text(n) for n in group.attrs["layer_names"]]
+    for layer in layers:
       g = group[layer]
-      names = [n.decode() if isinstance(n, bytes) else str(n) for n in g.attrs.get("weight_names", [])]
+      names = [_text(n) for n in g.attrs.get("weight_names", [])]
       values = {n.split("/")[-1].split(":")[0]: np.asarray(g[n]) for n in names}
       if not values:
         continue
@@ -106,7 +112,6 @@ def from_keras_h5(path) -> Imported:
                            f"EfficientNet-B0 weights ({sorted(_KERAS_WEIGHTS)})")
         collection, leaf = _KERAS_WEIGHTS[name]
         _put(variables[collection], _module_path(target) + (leaf,), _keras_value(layer, name, value))
-    layers = [str(n) for n in group.attrs["layer_names"]]
     if transform is not None and any("rescaling" in n for n in layers):
       transform["scale"] = 1.0 / 255.0  # keras.applications' Rescaling(1/255) before it
   in_channels = _in_channels(variables, path)

@@ -60,6 +60,13 @@ class Conv(nn.Module):
     return y
 
 
+def check_choices(*fields: tuple[str, Any, Sequence]) -> None:
+  """Raises `BadValue` naming the first (field, value, choices) whose value is not a choice."""
+  for field, value, choices in fields:
+    if value not in choices:
+      raise BadValue(field, f"{value!r} is not a known choice", f"one of {list(choices)}")
+
+
 class Taps:
   """The named features a model was asked for (`capture`), gathered as it runs.
 

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cellrep.errors import BadValue
-from cellrep.models.layers import Conv, Taps
+from cellrep.models.layers import Conv, Taps, check_choices
 from cellrep.ops.policy import CONV_IMPLS, DTYPES, dtype_name
 from cellrep.ops.pool import max_pool
 
@@ -141,10 +141,8 @@ def create(name: str = "resnet50", *, num_classes: int, width: float = 1.0,
     raise BadValue("num_classes", f"{num_classes!r}", "a positive number of classes")
   if not width > 0:
     raise BadValue("width", f"{width}", "a positive multiplier")
-  for field, value, choices in (("stem", stem, STEMS), ("dtype", dtype_name(dtype), DTYPES),
-                                ("conv_impl", conv_impl, CONV_IMPLS)):
-    if value not in choices:
-      raise BadValue(field, f"{value!r} is not a known choice", f"one of {list(choices)}")
+  check_choices(("stem", stem, STEMS), ("dtype", dtype_name(dtype), DTYPES),
+                ("conv_impl", conv_impl, CONV_IMPLS))
   stages, block = STAGES[name]
   return ResNet(stage_sizes=stages, block=block, num_classes=num_classes, width=width,
                 stem=stem, dtype=jnp.dtype(dtype), conv_impl=conv_impl)
