@@ -6,7 +6,7 @@ r"""The performance tables of docs/performance.md, from the benchmark JSON files
 
 Reads the JSON files of benchmarks/results/ that exist: ensemble.json and one
 ensemble_<group>.json per further case group of bench_ensemble.py (`GROUPS`), peak.json,
-inference.json and inference_<batch>.json, hostmem.json, pipeline.json, profiling.json
+inference.json and inference_<batch>.json, efficientnet.json, hostmem.json, pipeline.json, profiling.json
 and profiling_*.json (bench_profiling.py runs with other sizes: their rows replace
 profiling.json's where they measured the reference). With --docs the tables replace what
 lies between the file's `<!-- bench:begin -->` and `<!-- bench:end -->` lines, so
@@ -156,6 +156,75 @@ def inference(r: dict, floors: dict | None = None) -> list[str]:
                " larger of the one measured"
                " in the same rounds and bench_peak's); the multiplications Winograd saves still"
                " count, so its MFU is an effective rate.")
+  return lines
+
+
+EFFICIENTNET_TASKS = {"train": "train step", "features": "features (block6a, pooled)"}
+DEPTHWISE_ROWS = {"xla": "XLA, feature_group_count",
+                  "im2col": "cellrep im2col (views times taps, kernel gradient written out)",
+                  "views_autodiff": "shifted views by autodiff (im2col before)",
+                  "torch": "PyTorch float32", "torch_bf16": "PyTorch bf16 autocast"}
+
+
+def efficientnet(r: dict, floors: dict | None = None) -> list[str]:
+  """bench_efficientnet.py: one row per variant and PyTorch case of each (task, members), the
+  parts of one (task, members) merged; then the depthwise calibration."""
+  nan = float("nan")
+  floors = floors or {}
+  refs = r.get("reference_gflops", {})
+
+  def mfu(row):
+    reference = max(refs.get(row.get("dtype"), nan), floors.get(row.get("dtype"), 0.0))
+    return f"{100 * row.get('gflops', nan) / reference:.0f}%"
+
+  merged = {}
+  for c in r["cases"]:
+    m = merged.setdefault((c["task"], c["members"]), {"variants": {}})
+    m["variants"].update(c["variants"])
+    m.update({k: c[k] for k in ("torch", "torch_bf16") if k in c})
+  order = list(r["variants"])
+  lines = ["| task | M | implementation | convs / dtype | ms per step or batch | vs PyTorch f32 "
+           "| GFLOP/s | MFU |", "|---|---|---|---|---:|---:|---:|---:|"]
+  for (task, members), m in sorted(merged.items(),
+                                   key=lambda kv: (list(EFFICIENTNET_TASKS).index(kv[0][0]),
+                                                   kv[0][1])):
+    label = f"{EFFICIENTNET_TASKS.get(task, task)} | {members}"
+    for name in sorted(m["variants"], key=order.index):
+      v = m["variants"][name]
+      same = f" (= {v['same_program_as']})" if "same_program_as" in v else ""
+      how = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" and
+                             v.get("map_batch") else "")
+      lines.append(f"| {label} | {name}{same} | {v['conv_impl']} / {v['dtype']}, {how} | "
+                   f"{v['ms']:.0f} | {v.get('vs_torch', nan):.2f}x | {v['gflops']:.1f} | "
+                   f"{mfu(v)} |")
+    for key, how in (("torch", "float32"), ("torch_bf16", "bf16 autocast")):
+      if key in m:
+        t = m[key]
+        loop = f", {members} in a loop" if members > 1 else ""
+        lines.append(f"| {label} | PyTorch torchvision | channels_last, {how}{loop} | "
+                     f"{t['ms']:.0f} | {m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
+                     f"{t['gflops']:.1f} | {mfu(t)} |")
+  lines.append(f"\nBatch {r['batch']} per network, input {r['input']}, {r['classes']} classes; "
+               "train: forward (train-mode BatchNorm, dropout and stochastic depth 0.2) + "
+               "cross-entropy + backward + SGD-Nesterov; features: to `block6a_activation`, "
+               "mean-pooled, inference mode. M networks: cellrep's one ensemble program (its "
+               "members by `strategy`), PyTorch's M networks one after the other. vs PyTorch "
+               "f32 = PyTorch float32's time / the row's (same task and M, same run). GFLOP/s "
+               "= M x one network's FLOPs (XLA cost analysis, XLA convolutions) / time; MFU = "
+               "that / the jitted matmul's GFLOP/s in the row's dtype (the larger of the one "
+               "measured in the same rounds and bench_peak's). xla rows: one timed round.")
+  d = r.get("depthwise")
+  if d:
+    lines += ["", f"| depthwise {d['kernel']}x{d['kernel']}, C = {d['channels']}, "
+              f"{d['size']}x{d['size']}, batch {d['batch']} | forward ms | forward + backward "
+              "ms | max relative error vs XLA |", "|---|---:|---:|---:|"]
+    for name, c in d["cases"].items():
+      err = d.get("max_relative_error_vs_xla", {}).get(name)
+      lines.append(f"| {DEPTHWISE_ROWS.get(name, name)} | {c['forward']['ms']:.2f} | "
+                   f"{c['forward_backward']['ms']:.2f} | "
+                   + (f"{err:.1e}" if err is not None else "—") + " |")
+    lines.append("\nForward + backward: the output and both gradients (input and kernel) for a "
+                 "random cotangent, median of the rounds.")
   return lines
 
 
@@ -317,6 +386,8 @@ def markdown(results=benchlib.RESULTS) -> str:
   sections.append(("Reference FLOP rate", ["peak"], lambda rs: peak(*rs.values())))
   for name in ["inference", *_numbered(results, "inference")]:
     sections.append((None, [name], lambda rs: inference(*rs.values(), floors)))
+  sections.append(("EfficientNet-B0 (Cell Painting CNN)", ["efficientnet"],
+                   lambda rs: efficientnet(*rs.values(), floors)))
   sections += [("Host-memory reuse", ["hostmem"], lambda rs: hostmem(*rs.values())),
                ("Crop pipeline", ["pipeline"], lambda rs: pipeline(*rs.values())),
                ("Peak memory of runs", ["memory"], lambda rs: memory(*rs.values())),

@@ -68,6 +68,19 @@ def config_keys(prefix: str = "", **keys: str):
     raise ConfigError(key, e.problem, e.expected) from None
 
 
+@contextlib.contextmanager
+def nested_config(prefix: str):
+  """Re-raises the `ConfigError` (or `BadValue`) of another task's config that this config
+  holds under `prefix` (the cellpainting job's ``profile`` is a profile_eval config) as the
+  error of ``prefix.key``."""
+  try:
+    yield
+  except ConfigError as e:
+    raise ConfigError(f"{prefix}.{e.key}", e.problem, e.expected) from None
+  except BadValue as e:
+    raise ConfigError(f"{prefix}.{e.field}", e.problem, e.expected) from None
+
+
 def comma_list(text: str, kind: type = str, *, field: str = "value") -> list:
   """"a, b,c" -> ["a", "b", "c"] (empty items dropped), each converted by `kind`; a value
   `kind` refuses is a `BadValue` of `field`."""

@@ -40,6 +40,7 @@ P = "configs/predict.py"
 E = "configs/embed.py"
 F = "configs/profile_eval.py"
 CS = "configs/cellsighter.py"
+CP = "configs/cellpainting_wsl.py"
 TINY = ("--config.data.source=store", "--config.data.store={root}/store",
         "--config.data.crop_size=16", "--config.data.input_size=12",
         "--config.model.width=0.0625", "--config.ensemble.members=2", "--config.train.steps=2",
@@ -132,6 +133,19 @@ CASES = [
          "config.embed.member", E, absent=("w/embeddings.parquet",)),
     Case("embed_batch_zero", ("--config.model_dir={root}/run", "--config.embed.batch_size=0"),
          "config.embed.batch_size", E),
+    # cellpainting: checked before the plates are written or a step is trained
+    Case("cellpainting_store_unset", (), "config.data.store", CP, absent=("w/checkpoints",)),
+    Case("cellpainting_store_missing", ("--config.data.store={root}/nope",), "nope", CP,
+         absent=("w/checkpoints",)),
+    Case("cellpainting_unknown_layer", ("--config.data.source=synthetic_plates",
+                                        "--config.features.layers=block9z_activation"),
+         "config.features.layers", CP, absent=("w/project", "w/checkpoints")),
+    Case("cellpainting_sphering_method", ("--config.data.source=synthetic_plates",
+                                          "--config.profile.sphering.method=whiten"),
+         "config.profile.sphering.method", CP, absent=("w/project",)),
+    Case("cellpainting_plates_too_few_wells", ("--config.data.source=synthetic_plates",
+                                               "--config.data.synthetic_plates.wells=8"),
+         "config.data.synthetic_plates.controls_per_plate", CP, absent=("w/project",)),
     # profiles
     Case("profiles_input_unset", (), "config.input", F),
     Case("profiles_input_missing", ("--config.input={root}/nope.parquet",), "nope.parquet", F),

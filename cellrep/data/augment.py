@@ -160,8 +160,8 @@ def center_start(size: int, crop: int) -> int:
 
 
 def _check(crops: jax.Array, input_size: int) -> None:
-  if crops.ndim != 4 or crops.shape[1] < 3 or crops.shape[2] != crops.shape[3]:
-    raise ValueError(f"crops must be [B, C >= 3, S, S] (markers + 2 masks), got {crops.shape}")
+  if crops.ndim != 4 or crops.shape[2] != crops.shape[3]:
+    raise ValueError(f"crops must be [B, C, S, S], got {crops.shape}")
   if input_size < 1:
     raise ValueError(f"input_size must be >= 1, got {input_size}")
 
@@ -421,6 +421,8 @@ def augment(rng: jax.Array, crops: jax.Array, input_size: int,
     [B, n, n, C] float32 NHWC; masks stay 0/1, markers are counts when resampled.
   """
   _check(crops, input_size)
+  if crops.shape[1] < 3:
+    raise ValueError(f"crops must be [B, C >= 3, S, S] (markers + 2 masks), got {crops.shape}")
   if not cfg.enabled:
     return center(crops, input_size)
   b, c, s, _ = crops.shape

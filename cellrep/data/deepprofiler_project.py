@@ -9,7 +9,7 @@
 
 Every site becomes one FOV (``<plate>_<well>_<site>``) whose cells are its nuclei (no
 masks); the other index columns become ``Metadata_*`` columns of its cells (their name
-prefixed when it is not already), and `label_column` (DeepProfiler's ``label_field``),
+prefixed when it is not already; True/False columns as booleans, numeric ones as numbers), and `label_column` (DeepProfiler's ``label_field``),
 when set, is every cell's class.
 Images are illumination-corrected per plate and channel and stretched to 8 bits per image
 (`cellrep.data.illumination`, DeepProfiler's preprocessing) before they are stored.
@@ -91,7 +91,26 @@ def _read_index(path: pathlib.Path, channels: Sequence[str], label_column: str) 
   if dup.any():
     row = index[dup].iloc[0]
     raise InputError(path, f"site {tuple(row[list(SITE)])} appears twice", "one row per site")
+  keep_text = set(needed)  # site keys, image paths and the label stay as written
+  for col in index.columns:
+    if col not in keep_text:
+      index[col] = _typed(index[col])
   return index
+
+
+def _typed(values: pd.Series) -> pd.Series:
+  """A metadata column as booleans or numbers when every value reads back as written
+  (True/False, 3, 0.5; not an identifier such as 00123), else as text."""
+  lower = values.str.strip().str.lower()
+  if len(values) and lower.isin(("true", "false")).all():
+    return lower == "true"
+  try:
+    numbers = pd.to_numeric(values)
+  except (ValueError, TypeError):
+    return values
+  if not (numbers.astype(str) == values.str.strip()).all():
+    return values
+  return numbers
 
 
 def _locations(path: pathlib.Path, columns: Sequence[str]) -> np.ndarray:

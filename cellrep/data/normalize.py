@@ -8,10 +8,16 @@ The methods CellSighter's paper compared:
             acquisition reads the same);
   anscombe  2 sqrt(x + 3/8), the variance-stabilising transform of Poisson counts.
 
+And the Cell Painting CNN's (DeepProfiler's) per-crop renormalisation:
+
+  standardize  each channel of each crop to zero mean and unit standard deviation over
+               the crop's pixels (a constant channel becomes zeros).
+
 Normalisation runs after `cellrep.data.augment.augment`: its Poisson resampling
 draws counts around the (blurred) pixel values, which only means something for
 raw counts, so the counts are resampled first and normalised second. The two
-mask channels (the last two of a network input) are never touched.
+mask channels (the last two of a network input, when the network sees masks) are never
+touched.
 
 `p99` scales are computed on the host from the store being read (all FOVs, no
 labels involved), so a model applied to another store scales that store by its
@@ -27,7 +33,7 @@ from cellrep.data.crops import NUM_MASK_CHANNELS
 from cellrep.data.store import Store
 from cellrep.errors import BadValue
 
-METHODS = ("none", "p99", "anscombe")
+METHODS = ("none", "p99", "anscombe", "standardize")
 
 
 def check_method(method: str) -> None:
@@ -70,11 +76,26 @@ def store_scales(store: Store, method: str) -> np.ndarray | None:
   return channel_percentiles(store) if method == "p99" else None
 
 
-def normalize(images: jnp.ndarray, method: str, scales=None) -> jnp.ndarray:
+def standardize(x: jnp.ndarray, eps: float = 1e-6, axes: tuple[int, int] = (1, 2)) -> jnp.ndarray:
+  """Each channel of each image to mean 0 and std 1 over its pixels (`axes`: H, W of NHWC).
+
+  Returns float32 (x - mean) / max(std, eps) with the population std; a constant channel
+  (max == min) gives exact zeros, whatever the rounding of its mean.
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=axes, keepdims=True)
+  dev = x - mean
+  std = jnp.sqrt(jnp.mean(dev * dev, axis=axes, keepdims=True))
+  flat = jnp.max(x, axis=axes, keepdims=True) == jnp.min(x, axis=axes, keepdims=True)
+  return jnp.where(flat, 0.0, dev / jnp.maximum(std, eps))
+
+
+def normalize(images: jnp.ndarray, method: str, scales=None,
+              masks: int = NUM_MASK_CHANNELS) -> jnp.ndarray:
   """Normalises the marker channels of network inputs.
 
   Args:
-    images: [B, H, W, K + 2] float32 NHWC, markers then the two masks.
+    images: [B, H, W, K + masks] float32 NHWC, markers then `masks` mask channels.
     method: one of METHODS (static).
     scales: [K] divisors for "p99" (see `store_scales`).
 
@@ -83,13 +104,16 @@ def normalize(images: jnp.ndarray, method: str, scales=None) -> jnp.ndarray:
   """
   if method == "none":
     return images
-  markers, masks = images[..., :-NUM_MASK_CHANNELS], images[..., -NUM_MASK_CHANNELS:]
+  k = images.shape[-1] - masks
+  markers, masks = images[..., :k], images[..., k:]
   if method == "p99":
     if scales is None:
       raise ValueError("p99 normalisation needs per-channel scales")
     markers = markers / jnp.asarray(scales, jnp.float32)
   elif method == "anscombe":
     markers = 2.0 * jnp.sqrt(jnp.maximum(markers, 0.0) + 0.375)
+  elif method == "standardize":
+    markers = standardize(markers)
   else:
     check_method(method)
   return jnp.concatenate([markers, masks], axis=-1)

@@ -104,12 +104,26 @@ def sample_weights(labels: np.ndarray, balance: str = "class",
   return len(labels) / counts[inverse]
 
 
+def median_group_size(groups) -> int:
+  """The median number of items per group (rounded, at least 1)."""
+  _, counts = np.unique(np.asarray(groups), return_counts=True)
+  return max(1, int(round(float(np.median(counts))))) if len(counts) else 1
+
+
 class EpochSampler:
-  """A random-access sequence of cell indices: `num_samples` draws in epochs of len(indices).
+  """A random-access sequence of cell indices: `num_samples` draws in epochs of len(indices)
+  (of per_group x groups when groups are resampled).
 
   Epoch e is drawn from `np.random.default_rng((seed, e))`: with replacement and
   probability ∝ weights when weights are given, else a permutation. Item i only
   depends on (seed, i), so any position can be read, by any worker, in any order.
+
+  Resampled groups (`groups`, a group id per index, and `per_group` > 0: the Cell
+  Painting CNN's treatment balancing): every epoch draws `per_group` cells of each
+  group afresh — without replacement from a group that has that many, with
+  replacement from a smaller one — and shuffles them together; an epoch is then
+  per_group x groups draws (`median_group_size` gives DeepProfiler's choice, the
+  median group size).
 
   FOV-local order (`fov_window` > 0, `fovs` the FOV of each of `indices`): the
   epoch's draws, the same cells as without it, are reordered so that the cells of
@@ -122,7 +136,7 @@ class EpochSampler:
 
   def __init__(self, indices: np.ndarray, num_samples: int, seed: int,
                weights: np.ndarray | None = None, fovs: np.ndarray | None = None,
-               fov_window: int = 0):
+               fov_window: int = 0, groups: np.ndarray | None = None, per_group: int = 0):
     self.indices = np.asarray(indices, np.int64)
     if len(self.indices) == 0:
       raise ValueError("no cells to sample from")
@@ -135,6 +149,17 @@ class EpochSampler:
     if self.fov_window and (fovs is None or len(fovs) != len(self.indices)):
       raise ValueError("fov_window needs the FOV of every index (fovs, as long as indices)")
     self.fovs = None if fovs is None else np.asarray(fovs, np.int64)
+    self.per_group = int(per_group)
+    if self.per_group:
+      if groups is None or len(groups) != len(self.indices):
+        raise ValueError("per_group needs the group of every index (groups, as long as indices)")
+      if weights is not None:
+        raise ValueError("per_group and weights are two ways to balance: give one")
+      _, inverse, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+      self._members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+      self.epoch_size = self.per_group * len(self._members)
+    else:
+      self.epoch_size = len(self.indices)
     # (epoch, order) swapped as one reference: Grain reads from several threads.
     self._cache = (-1, None)
 
@@ -143,7 +168,8 @@ class EpochSampler:
 
   def __repr__(self) -> str:
     return (f"EpochSampler(cells={len(self.indices)}, num_samples={self.num_samples}, "
-            f"seed={self.seed}, weighted={self.p is not None}, fov_window={self.fov_window})")
+            f"seed={self.seed}, weighted={self.p is not None}, fov_window={self.fov_window}, "
+            f"per_group={self.per_group})")
 
   def __getstate__(self):
     state = self.__dict__.copy()
@@ -153,7 +179,11 @@ class EpochSampler:
   def epoch(self, e: int) -> np.ndarray:
     rng = np.random.default_rng((self.seed, e))
     n = len(self.indices)
-    if self.p is None:
+    if self.per_group:
+      k = self.per_group
+      drawn = np.concatenate([rng.choice(m, size=k, replace=len(m) < k) for m in self._members])
+      drawn = drawn[rng.permutation(len(drawn))]
+    elif self.p is None:
       drawn = rng.permutation(n)
     else:
       drawn = rng.choice(n, size=n, replace=True, p=self.p)
@@ -173,7 +203,7 @@ class EpochSampler:
   def __getitem__(self, i: int) -> int:
     if not 0 <= i < self.num_samples:
       raise IndexError(i)
-    e, j = divmod(int(i), len(self.indices))
+    e, j = divmod(int(i), self.epoch_size)
     cached_epoch, order = self._cache
     if cached_epoch != e:
       order = self.epoch(e)

@@ -112,14 +112,15 @@ def map_channels(trained: Sequence[str], available: Sequence[str], *, min_overla
   return cmap
 
 
-def remap(crops: jnp.ndarray, cmap: ChannelMap) -> jnp.ndarray:
+def remap(crops: jnp.ndarray, cmap: ChannelMap, masks: int = NUM_MASK_CHANNELS) -> jnp.ndarray:
   """Crops of the store's channels -> crops of the model's channels.
 
   Args:
-    crops: [B, K_store + 2, S, S] (markers in store order, then the two masks).
+    crops: [B, K_store + masks, S, S] (markers in store order, then `masks` mask channels:
+      the two of `cellrep.data.crops`, or none).
 
   Returns:
-    [B, K_trained + 2, S, S] float32: trained channel i is store channel
+    [B, K_trained + masks, S, S] float32: trained channel i is store channel
     `cmap.index[i]`, or zeros where it is missing; the masks follow unchanged.
   """
   if cmap.identity:
@@ -127,4 +128,4 @@ def remap(crops: jnp.ndarray, cmap: ChannelMap) -> jnp.ndarray:
   index = np.asarray(cmap.index)
   gathered = jnp.take(crops, np.maximum(index, 0), axis=1)
   present = jnp.asarray(index >= 0, crops.dtype)[None, :, None, None]
-  return jnp.concatenate([gathered * present, crops[:, -NUM_MASK_CHANNELS:]], axis=1)
+  return jnp.concatenate([gathered * present, crops[:, crops.shape[1] - masks:]], axis=1)

@@ -53,7 +53,8 @@ class Trained:
   axis [M, ...] on every leaf. channels: the model's marker channels in input order;
   classes: its outputs. policy: how it predicts (`cellrep.ops.policy.Policy`: its
   predict_* choices); objective: what a prediction is (softmax probabilities for a
-  classifier).
+  classifier). masks: whether the network sees the crop's two mask channels after its
+  markers (CellSighter's inputs) or the markers alone (the Cell Painting CNN's).
   """
   model: Any
   variables: Any
@@ -66,6 +67,7 @@ class Trained:
   policy: policy_lib.Policy = dataclasses.field(default_factory=policy_lib.resolve)
   objective: Any = dataclasses.field(default_factory=objectives.SoftmaxCrossEntropy)
   spec: dict = dataclasses.field(default_factory=dict)  # model.json's "model"
+  masks: bool = True
 
   @property
   def members(self) -> int:
@@ -73,23 +75,31 @@ class Trained:
 
   @property
   def input_shape(self) -> tuple[int, int, int, int]:
-    """[1, n, n, K + 2] of one network input."""
-    return (1, self.input_size, self.input_size, len(self.channels) + NUM_MASK_CHANNELS)
+    """[1, n, n, K + 2] of one network input ([1, n, n, K] without masks)."""
+    return input_shape(self.input_size, len(self.channels), self.masks)
 
   def member(self, m: int) -> "Trained":
     """The ensemble of member m alone."""
     return dataclasses.replace(self, variables=jax.tree.map(lambda x: x[m:m + 1], self.variables))
 
 
+def input_shape(input_size: int, markers: int, masks: bool = True) -> tuple[int, int, int, int]:
+  """[1, n, n, C] of one network input: the markers, then the two masks when it sees them."""
+  return (1, input_size, input_size, markers + (NUM_MASK_CHANNELS if masks else 0))
+
+
 def eval_preprocess(input_size: int, method: str = "none", scales=None,
-                    cmap: transfer.ChannelMap | None = None) -> Callable:
-  """crops [B, K_store + 2, S, S] -> network inputs [B, n, n, K + 2]: channel map, centre crop,
-  normalisation."""
+                    cmap: transfer.ChannelMap | None = None, masks: bool = True) -> Callable:
+  """crops [B, K_store + 2, S, S] -> network inputs [B, n, n, K + 2] (K without masks): the
+  masks dropped when the network does not see them, channel map, centre crop, normalisation."""
+  kept = NUM_MASK_CHANNELS if masks else 0
 
   def preprocess(crops):
+    if not masks:
+      crops = crops[:, :crops.shape[1] - NUM_MASK_CHANNELS]
     if cmap is not None:
-      crops = transfer.remap(crops, cmap)
-    return normalize_lib.normalize(augment.center(crops, input_size), method, scales)
+      crops = transfer.remap(crops, cmap, masks=kept)
+    return normalize_lib.normalize(augment.center(crops, input_size), method, scales, masks=kept)
 
   return preprocess
 
@@ -106,7 +116,8 @@ def store_preprocess(trained: Trained, store: Store, *, min_overlap: float = 0.8
     own = normalize_lib.store_scales(store, "p99") if scales is None else np.asarray(scales)
     # Divisors in the model's channel order; a missing channel is zeros, any divisor will do.
     scales = np.where(np.asarray(cmap.index) >= 0, own[np.maximum(cmap.index, 0)], 1.0)
-  return eval_preprocess(trained.input_size, trained.normalize, scales, cmap), cmap
+  return eval_preprocess(trained.input_size, trained.normalize, scales, cmap,
+                         masks=trained.masks), cmap
 
 
 def predictor(trained: Trained, store: Store, **kwargs) -> tuple[Callable, transfer.ChannelMap]:
@@ -168,13 +179,14 @@ def predict_store(trained: Trained, store: Store, indices: np.ndarray | None = N
 
 def write_model_json(workdir, *, spec: dict, members: int, objective, classes, channels,
                      input_size: int, crop_size: int, normalize: str, store, num_steps: int,
-                     steps_per_epoch: int) -> None:
+                     steps_per_epoch: int, masks: bool = True) -> None:
   """model.json: everything `load` needs besides the checkpoint (written under a temporary
   name, then renamed)."""
   write_text(pathlib.Path(workdir) / MODEL_JSON, json.dumps({
       "model": dict(spec), "members": int(members), "objective": objectives.to_dict(objective),
       "classes": list(classes), "channels": list(channels), "input_size": int(input_size),
-      "crop_size": int(crop_size), "normalize": normalize, "store": str(store),
+      "crop_size": int(crop_size), "normalize": normalize, "masks": bool(masks),
+      "store": str(store),
       "num_steps": int(num_steps), "steps_per_epoch": int(steps_per_epoch)}, indent=1))
 
 
@@ -229,9 +241,10 @@ def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: st
   if step is None:
     raise InputError(workdir / "checkpoints", "no checkpoint", "a trained classify work directory")
   mesh = mesh or make_mesh(1, -1)
-  input_shape = (1, input_size, input_size, len(channels) + NUM_MASK_CHANNELS)
-  variables = restore_variables(workdir / "checkpoints", step,
-                                abstract_variables(model, input_shape, members, mesh))
+  masks = bool(meta.get("masks", True))
+  variables = restore_variables(
+      workdir / "checkpoints", step,
+      abstract_variables(model, input_shape(input_size, len(channels), masks), members, mesh))
   if policy is None:
     policy = policy_lib.resolve(conv_impl=spec.get("conv_impl", "auto"),
                                 dtype=spec.get("dtype", "float32"), predict_dtype=dtype,
@@ -239,4 +252,4 @@ def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: st
   return Trained(model=model, variables=variables, classes=classes, channels=channels,
                  input_size=input_size, crop_size=crop_size,
                  normalize=meta.get("normalize", "none"), mesh=mesh, policy=policy,
-                 objective=objective, spec=spec)
+                 objective=objective, spec=spec, masks=masks)

@@ -51,6 +51,11 @@ PADDINGS = ("same", "symmetric")
 
 # Keras' initialisers of EfficientNet (its CONV_KERNEL_INITIALIZER / DENSE_KERNEL_INITIALIZER).
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+# Keras computes a depthwise kernel's fan-out on its own layout [k, k, C, 1]: k * k. The same
+# kernel here is [k, k, 1, C], whose fan-out would be k * k * C (weights sqrt(C) times too
+# small, and under BatchNorm gradients sqrt(C) times too large: training from scratch stalls);
+# its fan-in is Keras' fan-out.
+_DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 _DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
 
 
@@ -85,7 +90,7 @@ class MBConv(nn.Module):
       x = taps(f"{p}expand_activation", nn.swish(self.norm(name=f"{p}expand_bn")(x)))
     x = self.conv(filters, (self.kernel, self.kernel), self.stride,
                   padding=_pad(self.kernel, self.stride, self.padding),
-                  feature_group_count=filters, name=f"{p}dwconv")(x)
+                  feature_group_count=filters, kernel_init=_DEPTHWISE_INIT, name=f"{p}dwconv")(x)
     x = taps(f"{p}activation", nn.swish(self.norm(name=f"{p}bn")(x)))
     squeezed = max(1, int(self.filters_in * SE_RATIO))
     se = jnp.mean(x, axis=(1, 2), keepdims=True)

@@ -36,8 +36,9 @@ _KERAS_WEIGHTS = {"kernel": ("params", "kernel"), "depthwise_kernel": ("params",
                   "bias": ("params", "bias"), "gamma": ("params", "scale"),
                   "beta": ("params", "bias"), "moving_mean": ("batch_stats", "mean"),
                   "moving_variance": ("batch_stats", "var")}
-# The classifier's layer name in keras.applications and in qubvel's efficientnet (DeepProfiler).
-_KERAS_CLASSIFIERS = ("predictions", "probs")
+# The classifier's layer name in keras.applications, in qubvel's efficientnet, and in
+# DeepProfiler's models (a Dense "ClassProb" on the pooled features).
+_KERAS_CLASSIFIERS = ("predictions", "probs", "ClassProb")
 ADAPT_METHODS = ("average", "tile")
 
 
@@ -190,6 +191,30 @@ def from_torchvision(state_dict: Mapping[str, Any]) -> Imported:
                    "torchvision's efficientnet_b0 state_dict")
   spec = {"name": "efficientnet_b0", "padding": "symmetric", "bn_epsilon": 1e-5, "bn_momentum": 0.9}
   return Imported(variables, spec, num_classes, _in_channels(variables, "state_dict"))
+
+
+def from_file(path) -> Imported:
+  """Weights from a file: Keras HDF5 (.h5, .hdf5) or a torchvision state_dict
+  saved with `torch.save` (.pt, .pth; reading it needs PyTorch)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise InputError(path, "not found", "a Keras .h5 or a torchvision .pt/.pth weights file")
+  if path.suffix.lower() in (".h5", ".hdf5"):
+    return from_keras_h5(path)
+  if path.suffix.lower() in (".pt", ".pth"):
+    try:
+      import torch
+    except ImportError:
+      raise InputError(path, "is a PyTorch file and PyTorch is not installed",
+                       "PyTorch (the bench extra), or the weights as Keras HDF5") from None
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+      raise InputError(path, f"unreadable ({type(e).__name__}: {e})", "a torch.save'd state_dict") from None
+    if not isinstance(state, Mapping):
+      raise InputError(path, f"holds a {type(state).__name__}", "a state_dict (a dict of tensors)")
+    return from_torchvision(state)
+  raise InputError(path, f"unknown weights format {path.suffix!r}", "a .h5 (Keras) or .pt/.pth file")
 
 
 def adapt_input_channels(imported: Imported, channels: int, method: str = "average") -> Imported:

@@ -49,7 +49,7 @@ from cellrep.errors import ConfigError
 from cellrep.eval.report import Report
 from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
-from cellrep.tasks import classify, predict, stores
+from cellrep.tasks import classify, predict, stores, training
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -245,7 +245,7 @@ class _Analyses:
         sub_plan = plan.with_training_cells(sub, idx)
         run_dir = self.workdir / "learning_curve" / f"n{n}_r{r}"
         logging.info("learning curve: %d cells per class, repeat %d, %d steps", n, r, sub_plan.num_steps)
-        writer = classify.metric_writer(run_dir, tensorboard=False)
+        writer = training.metric_writer(run_dir, tensorboard=False)
         try:
           model = classify.train(sub, run_dir, sub_plan, writer)
         finally:

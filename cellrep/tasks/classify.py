@@ -23,24 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import pathlib
 from typing import Callable
 
-import jax
 import ml_collections
 import numpy as np
 import pandas as pd
 from absl import logging
-from clu import parameter_overview
 from ml_collections import config_dict
 
-from cellrep import config_util, distributed, files
+from cellrep import config_util
 from cellrep.config_util import comma_list
 from cellrep.data import augment as augment_lib
 from cellrep.data import normalize as normalize_lib, synthetic
-from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
-from cellrep.data.pipeline import data_sharding, train_dataset
 from cellrep.data.sampling import (BALANCE, EpochSampler, cap_per_class, parse_hierarchy,
                                    sample_weights, split_fovs)
 from cellrep.data.store import Store
@@ -50,16 +45,10 @@ from cellrep.eval.report import Report
 from cellrep.files import write_table
 from cellrep.infer import trained as trained_lib
 from cellrep.infer.predict import cellsighter_csv, predictions_table
-from cellrep.tasks import stores
-from cellrep import models
-from cellrep.ops import policy as policy_lib
-from cellrep.train.checkpoint import Checkpointer
-from cellrep.train.ensemble import MemberStep, make_mesh, make_train_step
-from cellrep.train.loop import fit
+from cellrep.tasks import stores, training
 from cellrep.train.metrics import MetricWriter
 from cellrep.train.objectives import SoftmaxCrossEntropy
 from cellrep.train.optim import SCHEDULES, adam, learning_rate
-from cellrep.train.state import abstract_state, create_state
 
 SOURCES = ("synthetic", "store", "cellsighter")
 
@@ -130,8 +119,6 @@ def validate(config) -> None:
   config_util.check_choice(c, "data.source", SOURCES)
   config_util.check_choice(c, "data.balance", BALANCE)
   config_util.check_choice(c, "data.normalize", normalize_lib.METHODS)
-  config_util.check_choice(c, "predict.dtype", policy_lib.PREDICT_DTYPES)
-  config_util.check_choice(c, "ensemble.strategy", policy_lib.STRATEGIES)
   config_util.check_choice(c, "train.schedule", SCHEDULES)
   if c.data.source == "store":
     check(bool(c.data.store), "data.store", "no store path given", "a store directory (configs/ingest.py writes one)")
@@ -140,34 +127,13 @@ def validate(config) -> None:
           "a CellSighter data folder holding CellTypes/")
   check(0 <= c.data.gating.percentile < 100, "data.gating.percentile", f"{c.data.gating.percentile}",
         "a percentile in [0, 100)")
-  check(c.data.input_size >= 8, "data.input_size", f"{c.data.input_size} is too small", "≥ 8 pixels")
-  check(c.data.crop_size >= c.data.input_size, "data.crop_size",
-        f"{c.data.crop_size} < data.input_size {c.data.input_size}", "a read window at least the input size")
   check(0 < c.data.val_fraction < 1, "data.val_fraction", f"{c.data.val_fraction}", "a fraction in (0, 1)")
-  stores.check_memory(c)
-  check(c.data.prefetch >= 0, "data.prefetch", f"{c.data.prefetch}", "a number of batches ≥ 0")
-  check(c.data.threads >= 1, "data.threads", f"{c.data.threads}", "a number of threads ≥ 1")
-  check(c.data.workers >= 0, "data.workers", f"{c.data.workers}", "a number of processes ≥ 0")
-  check(c.data.fov_window >= 0, "data.fov_window", f"{c.data.fov_window}",
-        "0 (all cells shuffled together) or a number of FOVs shuffled together")
-  with config_util.config_keys("model"):  # the model checks its own arguments
-    models.build(c.model, num_classes=1)
+  training.validate(c, min_input=8)
   with config_util.config_keys("augment"):
     augment_lib.AugmentConfig(**c.augment.to_dict())
   if c.data.source == "synthetic":
     with config_util.config_keys("data.synthetic"):
       synthetic.from_config(c.data.synthetic)
-  run_policy(c)
-  check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
-  check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
-  check(c.train.steps >= 0, "train.steps", f"{c.train.steps}", "a number of steps ≥ 1 (0: from train.epochs)")
-  check(c.train.epochs >= 0, "train.epochs", f"{c.train.epochs}", "a number of epochs ≥ 0")
-  check(c.train.steps > 0 or c.train.epochs > 0, "train.steps", "neither steps nor epochs is set",
-        "train.steps > 0 or train.epochs > 0")
-  check(c.train.lr > 0 and math.isfinite(c.train.lr), "train.lr", f"{c.train.lr}", "a positive learning rate")
-  check(c.train.log_every >= 1 and c.train.checkpoint_every >= 1, "train.log_every",
-        "log_every and checkpoint_every must be ≥ 1", "positive step counts")
-  check(c.predict.batch_size >= 1, "predict.batch_size", f"{c.predict.batch_size}", "≥ 1")
 
 
 # ---------------------------------------------------------------- which cells
@@ -195,15 +161,9 @@ class Plan:
 
   def with_training_cells(self, config, train_idx: np.ndarray) -> "Plan":
     """The same plan training on other cells, with the step count `config` gives for them."""
-    steps_per_epoch, num_steps = _steps(config, len(train_idx))
+    steps_per_epoch, num_steps = training.steps(config, len(train_idx))
     return dataclasses.replace(self, train_idx=train_idx, num_steps=num_steps,
                                steps_per_epoch=steps_per_epoch)
-
-
-def _steps(config, n_train: int) -> tuple[int, int]:
-  steps_per_epoch = max(1, n_train // config.train.batch_size)
-  num_steps = config.train.steps if config.train.steps > 0 else config.train.epochs * steps_per_epoch
-  return steps_per_epoch, num_steps
 
 
 def prepare(config, workdir) -> Plan:
@@ -227,7 +187,7 @@ def prepare(config, workdir) -> Plan:
   val_idx = np.flatnonzero(np.isin(fov_names, val_fovs))
   if len(train_idx) == 0:
     raise ConfigError("data.val_fovs", "no labelled cells left to train on", "labelled training FOVs")
-  steps_per_epoch, num_steps = _steps(config, len(train_idx))
+  steps_per_epoch, num_steps = training.steps(config, len(train_idx))
   overlap = sorted(set(train_fovs) & set(val_fovs))
   if overlap:
     logging.warning("held-out FOVs %s are also trained on: their scores are not of unseen "
@@ -241,114 +201,36 @@ def prepare(config, workdir) -> Plan:
 # ---------------------------------------------------------------- training
 
 
-def metric_writer(workdir: pathlib.Path, tensorboard: bool = True) -> MetricWriter:
-  """The run's metric writer; resuming from a checkpoint drops records logged after it."""
-  checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints")
-  try:
-    latest = checkpointer.latest_step()
-  finally:
-    checkpointer.close()
-  return MetricWriter(workdir, tensorboard=tensorboard, resume_step=latest)
-
-
 def train(config, workdir, plan: Plan, writer: MetricWriter) -> trained_lib.Trained:
-  """Trains (or resumes) the ensemble on plan.train_idx; checkpoints in workdir/checkpoints."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  store, batch_size, num_steps = plan.store, config.train.batch_size, plan.num_steps
-  input_size, channels = config.data.input_size, store.meta.channels
-  files.write_text(workdir / "config.json", config.to_json_best_effort(indent=1))
+  """Trains (or resumes) the ensemble on plan.train_idx; checkpoints in workdir/checkpoints.
 
-  source = CropSource(store, config.data.crop_size)
+  CellSighter's recipe: class-balanced draws, its augmentations (then data.normalize), Adam,
+  softmax cross-entropy; the crops' two masks are network inputs.
+  """
+  store = plan.store
   with config_util.config_keys("data"):
     weights = (None if config.data.balance == "none" else
                sample_weights(plan.labels[plan.train_idx], config.data.balance,
                               parse_hierarchy(config.data.hierarchy, plan.classes)))
-  sampler = EpochSampler(plan.train_idx, num_steps * batch_size, config.seed, weights,
-                         fovs=store.cells.fov.to_numpy()[plan.train_idx],
+  sampler = EpochSampler(plan.train_idx, plan.num_steps * config.train.batch_size, config.seed,
+                         weights, fovs=store.cells.fov.to_numpy()[plan.train_idx],
                          fov_window=config.data.fov_window)
-  members = config.ensemble.members
-  mesh = make_mesh(config.ensemble.mesh_member, config.ensemble.mesh_data)
-  if members % mesh.shape["member"] or batch_size % mesh.shape["data"]:
-    raise ConfigError("ensemble.mesh_member", f"mesh {dict(mesh.shape)} does not divide "
-                      f"{members} members / batch {batch_size}", "divisors of members and batch size")
-  if distributed.process_count() > 1 and mesh.size != jax.device_count():
-    raise ConfigError("ensemble.mesh_data", f"mesh {dict(mesh.shape)} leaves some of the run's "
-                      f"{jax.device_count()} devices (and processes) out",
-                      "a mesh over every device in a run of several processes (mesh_data=-1)")
-  # Each process reads its rows of every global batch.
-  batches = iter(train_dataset(source, sampler, batch_size, workers=config.data.workers,
-                               threads=config.data.threads, prefetch=config.data.prefetch,
-                               rows=distributed.local_rows(data_sharding(mesh), batch_size)))
-
-  # Model, optimizer and state (restored when a checkpoint exists).
-  policy = run_policy(config)
-  logging.info("%s", policy.describe())
-  spec = model_spec(config, len(plan.classes))
-  model = models.build(spec)
-  objective = SoftmaxCrossEntropy(config.train.label_smoothing)
-  trained_lib.write_model_json(workdir, spec=spec, members=members, objective=objective,
-                               classes=plan.classes, channels=channels, input_size=input_size,
-                               crop_size=config.data.crop_size, normalize=config.data.normalize,
-                               store=store.path, num_steps=num_steps,
-                               steps_per_epoch=plan.steps_per_epoch)
-  schedule = learning_rate(config.train.lr, config.train.schedule, num_steps,
+  schedule = learning_rate(config.train.lr, config.train.schedule, plan.num_steps,
                            decay_rate=config.train.decay_rate,
                            decay_steps=config.train.decay_epochs * plan.steps_per_epoch,
                            warmup_steps=config.train.warmup_steps)
   tx = adam(schedule, config.train.weight_decay, config.train.grad_clip)
-  input_shape = (1, input_size, input_size, len(channels) + NUM_MASK_CHANNELS)
-  abstract = abstract_state(model, tx, input_shape, members, mesh)
-  checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)
-  latest = checkpointer.latest_step()
-  rng = jax.random.key(config.seed)
-  if latest is not None:
-    logging.info("resuming from checkpoint at step %d", latest)
-    state = checkpointer.restore(latest, abstract, batches)
-  else:
-    state = create_state(jax.random.fold_in(rng, 0), model, tx, input_shape, members, mesh)
-  logging.info("%s member parameters:\n%s", spec["name"],
-               parameter_overview.get_parameter_overview(
-                   jax.tree.map(lambda x: x[0], state.params), include_stats=False))
-
   with config_util.config_keys("augment"):
     aug_cfg = augment_lib.AugmentConfig(**config.augment.to_dict())
-  augment = functools.partial(augment_lib.augment, input_size=input_size, cfg=aug_cfg)
+  augment = functools.partial(augment_lib.augment, input_size=config.data.input_size, cfg=aug_cfg)
   if config.data.normalize == "none":
     preprocess = augment
   else:  # after the Poisson resampling, which needs raw counts
     def preprocess(key, crops):
       return normalize_lib.normalize(augment(key, crops), config.data.normalize, plan.scales)
-  step = make_train_step(MemberStep(policy.train_model(model), tx, preprocess, objective),
-                         mesh, abstract, policy)
-  try:
-    state = fit(state, step, batches, rng=jax.random.fold_in(rng, 1), num_steps=num_steps,
-                data_sharding=data_sharding(mesh), writer=writer, checkpointer=checkpointer,
-                checkpoint_every=config.train.checkpoint_every, log_every=config.train.log_every,
-                learning_rate=schedule, progress=config.progress)
-  finally:
-    checkpointer.close()  # after the saves under way
-  return trained_lib.Trained(model=model, variables=state.variables, classes=plan.classes,
-                             channels=channels, input_size=input_size,
-                             crop_size=config.data.crop_size, normalize=config.data.normalize,
-                             mesh=mesh, policy=policy, objective=objective, spec=spec)
-
-
-def model_spec(config, num_classes: int) -> dict:
-  """The model's name and arguments (config.model, the classes from the data)."""
-  return dict(config.model.to_dict(), num_classes=num_classes)
-
-
-def run_policy(config) -> policy_lib.Policy:
-  """The run's backend policy, from config.model, config.ensemble, config.train, config.predict."""
-  with config_util.config_keys("", predict_dtype="predict.dtype", strategy="ensemble.strategy",
-                               predict_strategy="ensemble.strategy",
-                               conv_impl="model.conv_impl", dtype="model.dtype"):
-    return policy_lib.resolve(conv_impl=config.model.conv_impl, dtype=config.model.dtype,
-                              predict_dtype=config.predict.dtype,
-                              strategy=config.ensemble.strategy,
-                              predict_strategy=config.ensemble.strategy,
-                              batch=config.train.batch_size)
+  recipe = training.Recipe(sampler, preprocess, tx, schedule,
+                           SoftmaxCrossEntropy(config.train.label_smoothing))
+  return training.fit_ensemble(config, workdir, plan, writer, recipe)
 
 
 # ---------------------------------------------------------------- prediction and report
@@ -406,7 +288,7 @@ def run(config, workdir: pathlib.Path, extend: Extension | None = None,
   """
   workdir = pathlib.Path(workdir)
   plan = prepare(config, workdir)
-  writer = metric_writer(workdir)
+  writer = training.metric_writer(workdir)
   try:
     trained = train(config, workdir, plan, writer)
     report = Report(workdir / "report", title)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
 import numpy as np
 import pandas as pd
 from absl import logging
+from ml_collections import config_dict
 
 from cellrep import config_util
 from cellrep.config_util import comma_list
@@ -32,7 +34,46 @@ REFERENCE = "Metadata_reference_index"
 ONE_PLATE = "Metadata_one_plate"
 
 
-def _check(config) -> None:
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the job reads (configs/profile_eval.py adds its variants)."""
+  config = ml_collections.ConfigDict()
+  config.task = "profile_eval"
+  config.input = config_dict.placeholder(str)  # profiles .parquet/.csv/.csv.gz (unless synthetic)
+  config.synthetic = False                     # generate a well table instead of reading one
+  config.level = "well"                        # rows of the input: "cell", "site" or "well"
+
+  # Comma-separated column lists: the groups of each aggregation level.
+  config.columns = columns = ml_collections.ConfigDict()
+  columns.site = "Metadata_Plate,Metadata_Well,Metadata_Site"  # cells -> site (median)
+  columns.well = "Metadata_Plate,Metadata_Well"                 # sites -> well (mean)
+  columns.treatment = "Metadata_compound"                       # wells -> treatment (mean)
+  columns.moa = "Metadata_moa"                                  # "" skips same-MoA retrieval
+  columns.plate = "Metadata_Plate"                              # "" = all wells on one plate
+  config.controls = "Metadata_control == True"  # pandas query selecting control wells
+
+  config.sphering = sphering = ml_collections.ConfigDict()
+  sphering.method = "ZCA"          # ZCA, PCA, ZCA-cor, PCA-cor; "none" skips sphering
+  sphering.reg = 1e-2              # λ added to the eigenvalues
+  sphering.knee = False            # λ = eigenvalue at the knee / 10 instead of `reg`
+  sphering.epsilon = config_dict.placeholder(float)  # pycytominer's ε on singular values
+                                   # (e.g. 1e-6, its default) instead of λ; unset = λ
+  sphering.per_plate = False       # fit on each plate's own controls
+  sphering.sweep = "1e-4,1e-3,1e-2,1e-1,1"  # λ values of the mAP-vs-λ plot; "" = none
+
+  config.retrieval = retrieval = ml_collections.ConfigDict()
+  retrieval.distance = "cosine"    # cosine, correlation or euclidean
+  retrieval.null_size = 10000      # null samples per (positives, total) configuration
+  retrieval.null_method = "fast"   # "fast", or "copairs" for copairs' exact random stream
+  retrieval.seed = 0
+  retrieval.threshold = 0.05       # significance level of corrected p-values
+  retrieval.moa_sep = "|"          # separator of multi-label MoA strings
+  retrieval.percentile = 99.0      # folds of enrichment threshold (per query)
+  retrieval.memory_budget_mb = 512  # memory one block of the ranking may hold
+  retrieval.strength_fraction = 0.2  # weakest / median / strongest fraction of treatments
+  return config
+
+
+def validate(config) -> None:
   config_util.check(bool(config.input) or config.synthetic, "input", "not set",
                     "a profiles .parquet/.csv/.csv.gz, e.g. --config.input=wells.parquet")
   config_util.check_choice(config, "level", ("cell", "site", "well"))
@@ -111,7 +152,7 @@ def _wells(config) -> tuple[pd.DataFrame, str]:
 
 
 def run(config, workdir: pathlib.Path) -> dict:
-  _check(config)
+  validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   c, r, s = config.columns, config.retrieval, config.sphering
@@ -129,6 +170,7 @@ def run(config, workdir: pathlib.Path) -> dict:
     wells = sphering.sphere(wells, controls, s.method, reg=reg, epsilon=s.epsilon, by=by,
                             source=source)
     features = tables.feature_columns(wells)
+  write_table(wells, workdir / "profiles.parquet")  # the well profiles as scored
   wells[REFERENCE] = np.where(controls, np.arange(len(wells)), -1)
   meta, x = wells[tables.metadata_columns(wells)], wells[features].to_numpy(np.float32)
   budget = int(r.memory_budget_mb) << 20
@@ -177,6 +219,12 @@ def run(config, workdir: pathlib.Path) -> dict:
   strong = strength.treatment_strength(wells.drop(columns=[REFERENCE]), controls, c.treatment,
                                        plate, r.strength_fraction, source=source)
   write_table(strong, workdir / "strength.parquet")
+  by_strength = strong.merge(maps[[c.treatment, "mean_average_precision"]], on=c.treatment)
+  for group in ("weakest", "median", "strongest"):
+    chosen = by_strength[by_strength.strength_group == group]
+    if len(chosen):
+      summary[f"activity mAP, {group} {r.strength_fraction:.0%} of treatments"] = float(
+          chosen.mean_average_precision.mean())
 
   regs = comma_list(s.sweep, float) if s.method != "none" else []
   lam = None

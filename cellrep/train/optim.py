@@ -30,3 +30,26 @@ def adam(schedule: optax.Schedule, weight_decay: float = 0.0,
   """Adam (AdamW when weight_decay > 0), optionally after clipping the global gradient norm."""
   opt = optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
   return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip else opt
+
+
+def kernels(params):
+  """True for the convolution and dense kernels of a Flax parameter tree (what Keras'
+  kernel regularisers cover), False for biases and BatchNorm's scales."""
+  import jax
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def sgd(schedule: optax.Schedule, momentum: float = 0.9, nesterov: bool = True,
+        l2: float = 0.0, grad_clip: float = 0.0) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum, as the Cell Painting CNN was trained.
+
+  l2: Keras' kernel regulariser, a loss term l2 * sum(w^2) over the kernels: 2 * l2 * w
+  added to each kernel's gradient, before the gradient is clipped (Keras clips the
+  gradient of the whole loss).
+  """
+  parts = [optax.add_decayed_weights(2.0 * l2, mask=kernels)] if l2 else []
+  if grad_clip:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov and momentum > 0))
+  return optax.chain(*parts) if len(parts) > 1 else parts[0]

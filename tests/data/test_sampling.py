@@ -3,8 +3,8 @@ import pickle
 import numpy as np
 import pytest
 
-from cellrep.data.sampling import (EpochSampler, cap_per_class, parse_hierarchy, sample_weights,
-                                   split_fovs)
+from cellrep.data.sampling import (EpochSampler, cap_per_class, median_group_size, parse_hierarchy,
+                                   sample_weights, split_fovs)
 from cellrep.errors import BadValue
 
 
@@ -104,3 +104,22 @@ def test_fov_local_order_keeps_each_epochs_draws_and_groups_fovs():
   assert [clone[i] for i in range(2999, 1999, -1)] == [local[i] for i in range(2999, 1999, -1)]
   with pytest.raises(ValueError, match="fovs"):
     EpochSampler(np.arange(10), 10, seed=0, fov_window=2)
+
+
+def test_groups_resampled_to_the_median_every_epoch():
+  # Three treatments of 2, 5 and 40 cells: each epoch draws 5 of each, afresh.
+  groups = np.repeat([0, 1, 2], [2, 5, 40])
+  indices = np.arange(100, 100 + len(groups))
+  per = median_group_size(groups)
+  assert per == 5
+  sampler = EpochSampler(indices, 4 * 15, seed=3, groups=groups, per_group=per)
+  assert sampler.epoch_size == 15
+  group_of = dict(zip(indices.tolist(), groups.tolist()))
+  epochs = [[sampler[e * 15 + j] for j in range(15)] for e in range(4)]
+  for drawn in epochs:
+    assert np.bincount([group_of[i] for i in drawn], minlength=3).tolist() == [5, 5, 5]
+    big = [i for i in drawn if group_of[i] == 2]
+    assert len(set(big)) == 5  # without replacement from a group that has enough
+  assert sorted(epochs[0]) != sorted(epochs[1])  # resampled, not a fixed subset
+  with pytest.raises(ValueError, match="weights"):
+    EpochSampler(indices, 10, 0, weights=np.ones(len(indices)), groups=groups, per_group=per)

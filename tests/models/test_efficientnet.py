@@ -194,3 +194,14 @@ def test_adapt_input_channels_and_clear_errors(tmp_path):
     import_weights.from_keras_h5(tmp_path / "bad.h5")
   with pytest.raises(BadValue, match="state_dict"):
     import_weights.from_torchvision({"features.0.0.weight": np.zeros((32, 3, 3, 3))})
+
+
+def test_depthwise_kernels_are_initialised_as_keras_does():
+  # Keras: variance_scaling(2, fan_out) on [k, k, C, 1], fan-out k * k: std sqrt(2 / k²),
+  # whatever C (a fan-out of k² C would make them sqrt(C) times smaller).
+  model = models.build({"name": "efficientnet_b0", "num_classes": 3})
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 5)))["params"]
+  for block, k in (("block2a", 3), ("block6a", 5)):
+    kernel = np.asarray(variables[block][f"{block}_dwconv"]["kernel"])
+    assert kernel.shape[2] == 1
+    assert abs(kernel.std() / np.sqrt(2.0 / k**2) - 1) < 0.1, (block, kernel.std())

@@ -8,6 +8,7 @@ import pytest
 
 from cellrep import models
 from cellrep.models.layers import Conv
+from cellrep.ops import conv
 from cellrep.ops.conv import conv2d, winograd_tile
 from tests.models.helpers import WINOGRAD_DOT, random_bn_scales
 
@@ -86,6 +87,26 @@ def test_gradients_vmap_over_members(impl):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_gradients_vmap_over_members_of_one_shared_input(dtype):
+  # Images no member augments differently: the members share the stem's im2col columns,
+  # so their kernel gradients are one product of the shared columns with every member's dy
+  # (float32 cotangents, as BatchNorm's backward gives them). In bfloat16, vmap's own form
+  # of that product failed on XLA:CPU: "BF16 x BF16 = F32".
+  cols = jax.random.normal(jax.random.key(0), (2, 16, 16, 45)).astype(dtype)
+  w = jax.random.normal(jax.random.key(1), (45, 32)) / 7
+  dy = jax.random.normal(jax.random.key(2), (3, 2, 16, 16, 32))
+
+  def kernel_grad(cols, w, dy):
+    return jax.vjp(lambda w: conv._cols_product(cols, w.astype(dtype)), w)[1](dy)[0]
+
+  expected = jnp.einsum("bhwk,mbhwo->mko", cols.astype(jnp.float32),
+                        dy.astype(dtype).astype(jnp.float32))
+  tol = 1e-4 if dtype == "float32" else 1e-2
+  grads = jax.jit(jax.vmap(kernel_grad, in_axes=(None, None, 0)))(cols, w, dy)
+  np.testing.assert_allclose(grads, expected, rtol=tol, atol=tol)
+
+
 def test_im2col_kernel_gradient_reads_dy_in_place():
   # Autodiff's kernel gradient made XLA:CPU write dy transposed, [C_out, B*H*W], by a
   # second copy of the fusion producing dy; the written-out one reads dy as it is.
@@ -152,6 +173,42 @@ def test_depthwise_im2col_is_elementwise_and_vmaps_over_members():
   text = jax.jit(conv("im2col")).lower(x, w).as_text()
   assert "convolution" not in text and "dot_general" not in text
   np.testing.assert_allclose(conv("im2col")(x, w), conv("xla")(x, w), rtol=1e-5, atol=1e-5)
+
+
+# Depthwise convolutions whose kernel gradient is written out (conv._depthwise_kernel_grad):
+# (input HxW, kernel, strides, padding, channel multiplier).
+DEPTHWISE_CASES = [
+    (19, 3, 1, "SAME", 1),
+    (19, 5, 2, "SAME", 1),             # odd input, TensorFlow's padding (more after)
+    (20, 3, 2, ((1, 1), (1, 1)), 1),   # torchvision's symmetric padding
+    (2, 5, 1, "SAME", 1),              # taps that read only padding
+    (11, 3, 1, ((2, 0), (0, 2)), 2),   # uneven padding, channel multiplier 2
+]
+
+
+@pytest.mark.parametrize("rows,chunk_bytes", [(3, 1), (16, 1 << 40)])
+@pytest.mark.parametrize("size,k,stride,padding,multiplier", DEPTHWISE_CASES)
+def test_depthwise_gradients_by_rows_and_batch_chunks_match_xla(monkeypatch, rows, chunk_bytes,
+                                                                size, k, stride, padding,
+                                                                multiplier):
+  # A few output rows per fusion and one image per chunk (a scan over the batch), or the
+  # whole map and batch at once: the same gradients as XLA's, alone and vmapped over members.
+  monkeypatch.setattr(conv, "DEPTHWISE_ROWS", rows)
+  monkeypatch.setattr(conv, "DEPTHWISE_CHUNK_BYTES", chunk_bytes)
+  x = jax.random.normal(jax.random.key(0), (2, 4, size, size, 6))
+  w = jax.random.normal(jax.random.key(1), (2, k, k, 1, 6 * multiplier)) / k
+  strides = (stride, stride)
+
+  def grads(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, strides, padding, impl, 6)))
+    return jax.grad(loss, argnums=(0, 1))
+
+  np.testing.assert_allclose(conv2d(x[0], w[0], strides, padding, "im2col", 6),
+                             conv2d(x[0], w[0], strides, padding, "xla", 6), rtol=1e-5, atol=1e-5)
+  for g, r in zip(grads("im2col")(x[0], w[0]), grads("xla")(x[0], w[0])):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  for g, r in zip(jax.vmap(grads("im2col"))(x, w), jax.vmap(grads("xla"))(x, w)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16_depthwise_accumulates_in_float32():
