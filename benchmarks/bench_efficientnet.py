@@ -41,16 +41,26 @@ Parts (`PARTS`), each its own interleaved rounds, all written to one JSON file
              written out), PyTorch float32 and bf16 autocast
   one        both tasks, one network: im2col and auto variants and PyTorch, with the
              jitted matmul references (bench_peak.py) in the same rounds
-  one_xla    both tasks, one network, xla variants: 10-30x slower than im2col, so one timed
+  one_xla    both tasks, one network, xla variants: slower than im2col (train: ~4x), so one timed
              round after the first call; their vs_torch divides by part ``one``'s PyTorch
   ensemble   both tasks, `--members` networks: im2col and auto variants and PyTorch (xla
              ones are not timed: their one-network step times M is a lower bound)
 
-Model FLOPs (per network): XLA's cost analysis of the one-network program with XLA
-convolutions (im2col's programs also count the padding's zeros); GFLOP/s of every row,
+Model FLOPs (per network), by XLA's cost analysis with XLA convolutions: features, the
+one-network features program; train, 3 x one network's train-mode forward pass and loss
+(the backward pass's two products per forward one). XLA's count of the train program itself
+(``program_flops``, informational, as im2col's, which also count the padding's zeros) prices
+each depthwise kernel gradient as a dense convolution, C times its FLOPs: 240 GFLOP for a
+step of ~27 at batch 32, 128x128. GFLOP/s of every row,
 PyTorch's included, = M x model FLOPs / time; MFU = that / the jitted matmul's GFLOP/s in
 the row's dtype measured in part ``one``'s rounds (report.py divides by the larger of that
 and bench_peak's).
+
+The default run takes ~15-20 min on 2 idle cores (part ensemble about half; ``part_s`` in
+the JSON), --quick ~14 min (compiles of the same programs at tiny shapes). PyTorch's OpenMP
+threads wait for each other at every operation: with other work on the CPU its steps slow
+several times over (batch 32, 2 threads with one core taken: 10x, 6-11 s a train step where
+an idle or 1-thread run takes ~1 s), XLA's far less; time vs_torch on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -182,7 +192,7 @@ def build_cases(builder: Builder, task: str, variants) -> dict:
     compiled = [(low.compile(), n) for low, n in lowered]
     info["compile_s"] = time.perf_counter() - t
     info["program_flops"] = sum(benchlib.cost_flops(c) * n for c, n in compiled)
-    if VARIANTS[variant] == ("xla", "float32") and builder.members == 1:
+    if VARIANTS[variant] == ("xla", "float32") and builder.members == 1 and task == "features":
       _MODEL_FLOPS[(task, builder.batch, builder.size)] = info["program_flops"]
     memory = compiled[0][0].memory_analysis()
     info["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
@@ -196,19 +206,36 @@ def build_cases(builder: Builder, task: str, variants) -> dict:
   return cases
 
 
-# (task, batch, size): one network's FLOPs, from the xla_f32 program of one network.
+# (task, batch, size): one network's FLOPs (`model_flops`).
 _MODEL_FLOPS: dict[tuple, float] = {}
 
 
 def model_flops(builder: Builder, task: str) -> float:
-  """One network's FLOPs of `task` with XLA convolutions: those of the one-network xla_f32
-  program (part one_xla's), else that program compiled for its cost analysis alone."""
+  """One network's FLOPs of `task` with XLA convolutions: train, 3 x its train-mode forward
+  pass and loss (`train_forward_flops`); features, those of the one-network xla_f32 program
+  (part one_xla's), else that program compiled for its cost analysis alone."""
   key = (task, builder.batch, builder.size)
+  if key not in _MODEL_FLOPS and task == "train":
+    _MODEL_FLOPS[key] = 3 * train_forward_flops(builder)
   if key not in _MODEL_FLOPS:
     one = builder if builder.members == 1 else Builder(1, builder.batch, builder.size)
     _, _, lowered = getattr(one, task)("xla_f32")
     _MODEL_FLOPS[key] = sum(benchlib.cost_flops(low.compile()) * n for low, n in lowered)
   return _MODEL_FLOPS[key]
+
+
+def train_forward_flops(builder: Builder) -> float:
+  """XLA's FLOPs of one network's train-mode forward pass and loss (`MemberStep.loss`: batch
+  statistics, dropout, stochastic depth, cross-entropy), XLA convolutions, float32."""
+  import jax
+  from cellrep.train.ensemble import MemberStep
+
+  member = MemberStep(get_model("xla", "float32"), builder.tx, lambda key, crop: crop)
+  one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), builder.abstract)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in builder.data.items()}
+  rngs = member.rngs(jax.random.key(0), 0, 0)
+  forward = jax.jit(lambda params, stats, b: member.loss(params, stats, b["crop"], b, rngs)[0])
+  return benchlib.cost_flops(forward.lower(one.params, one.batch_stats, batch).compile())
 
 
 def torch_cases(task: str, members: int, batch: int, size: int) -> dict:
@@ -384,6 +411,11 @@ def depthwise(args, rounds: int) -> dict:
   return out
 
 
+def _done(result: dict, part: str, start: float) -> None:
+  result["part_s"][part] = time.perf_counter() - start
+  print(f"  {part}: {result['part_s'][part]:.0f} s", flush=True)
+
+
 def main():
   p = benchlib.parser(__doc__, "efficientnet")
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}")
@@ -420,21 +452,27 @@ def main():
       "one": (1, fast, args.repeats or (1 if args.quick else 3), 1, True),
       "ensemble": (args.members, fast, args.repeats or (1 if args.quick else 2), 1, True),
   }
+  result["part_s"] = {}  # each part's wall seconds: building, compiling and timing
+  start = time.perf_counter()
   if "depthwise" in parts:
     print("== depthwise calibration", flush=True)
     result["depthwise"] = depthwise(args, args.repeats or (1 if args.quick else 7))
+    _done(result, "depthwise", start)
     benchlib.write(args.out, result)
   # one_xla first: its xla_f32 programs give the model FLOPs every part uses.
   for part in ("one_xla", "one", "ensemble"):
     members, variants, rounds, warmup, full = timings[part]
     if part not in parts or not variants:
       continue
+    t = time.perf_counter()
     cases, refs = measure_part(args, part, members, variants, rounds, warmup,
                                full and with_torch, full and "reference_gflops" not in result)
     result.update(refs)
     result["cases"] += cases
     finish(result["cases"], result.get("reference_gflops", _nan_refs()))
+    _done(result, part, t)
     benchlib.write(args.out, result)
+  result["total_s"] = time.perf_counter() - start
   result["load_average_end"] = benchlib.load()
   benchlib.write(args.out, result)
 

@@ -149,7 +149,7 @@ def main():
   result["train_step_consumes_crops_per_s"] = consumption()
   result["load_average_end"] = benchlib.load()
   if args.profile:
-    import jax  # the pipeline is host code: a profiler trace shows Grain's and TensorStore's threads
+    # The pipeline is host code: a profiler trace shows Grain's and TensorStore's threads.
     with tempfile.TemporaryDirectory() as tmp:
       store = write_store(pathlib.Path(tmp) / "s", 2, 512, 64)
       benchlib.profile(args.profile, "pipeline", make_reader(store, CROP, 8, 0, 0, 5))

@@ -71,6 +71,7 @@ def machine() -> dict:
   (`cellrep.hostmem`) of this run."""
   info = {
       "cpu": _cpu_model(),
+      "cpu_isa": _cpu_isa(),
       "cores": os.cpu_count(),
       "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
       "platform": platform.platform(),
@@ -94,6 +95,21 @@ def _cpu_model() -> str:
       if line.startswith("model name"):
         return line.split(":", 1)[1].strip()
   return platform.processor()
+
+
+# The vector and matrix extensions that decide CPU kernels' speed (bf16 ones above all).
+_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+        "amx_bf16", "amx_int8")
+
+
+def _cpu_isa() -> list[str]:
+  """Which of `_ISA` the CPU has (/proc/cpuinfo's flags; [] where there is none)."""
+  with contextlib.suppress(OSError):
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        flags = set(line.split(":", 1)[1].split())
+        return [f for f in _ISA if f in flags]
+  return []
 
 
 def load() -> list[float]:

@@ -38,7 +38,8 @@ def _load(results: pathlib.Path, name: str) -> dict | None:
 def _machine(r: dict) -> str:
   m = r["machine"]
   end = r.get("load_average_end")
-  return (f"{m.get('cpu')} ({m.get('cores')} cores, {_number(m.get('memory_gib'))} GiB), jax "
+  isa = f", {' '.join(m['cpu_isa'])}" if m.get("cpu_isa") else ""
+  return (f"{m.get('cpu')} ({m.get('cores')} cores{isa}, {_number(m.get('memory_gib'))} GiB), jax "
           f"{m.get('jax')}{', torch ' + m['torch'] if 'torch' in m else ''}; {r['started']}, load "
           f"average {r['load_average_start'][0]:.1f} at the start, "
           f"{_number(end[0]) if end else '?'} at the end")
@@ -201,18 +202,24 @@ def efficientnet(r: dict, floors: dict | None = None) -> list[str]:
       if key in m:
         t = m[key]
         loop = f", {members} in a loop" if members > 1 else ""
-        lines.append(f"| {label} | PyTorch torchvision | channels_last, {how}{loop} | "
+        threads = f", {t['torch_threads']} threads" if "torch_threads" in t else ""
+        lines.append(f"| {label} | PyTorch torchvision | channels_last, {how}{threads}{loop} | "
                      f"{t['ms']:.0f} | {m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
                      f"{t['gflops']:.1f} | {mfu(t)} |")
+  flops = {task: c["model_flops"] for c in r["cases"] for task in [c["task"]]}
+  per_network = ", ".join(f"{EFFICIENTNET_TASKS.get(t, t)} {f / 1e9:.3g}" for t, f in
+                          sorted(flops.items(), key=lambda kv: list(EFFICIENTNET_TASKS).index(kv[0])))
   lines.append(f"\nBatch {r['batch']} per network, input {r['input']}, {r['classes']} classes; "
                "train: forward (train-mode BatchNorm, dropout and stochastic depth 0.2) + "
                "cross-entropy + backward + SGD-Nesterov; features: to `block6a_activation`, "
                "mean-pooled, inference mode. M networks: cellrep's one ensemble program (its "
                "members by `strategy`), PyTorch's M networks one after the other. vs PyTorch "
                "f32 = PyTorch float32's time / the row's (same task and M, same run). GFLOP/s "
-               "= M x one network's FLOPs (XLA cost analysis, XLA convolutions) / time; MFU = "
+               "= M x one network's FLOPs (XLA cost analysis, XLA convolutions: features, its "
+               "program; train, 3 x its train-mode forward pass and loss) / time; MFU = "
                "that / the jitted matmul's GFLOP/s in the row's dtype (the larger of the one "
-               "measured in the same rounds and bench_peak's). xla rows: one timed round.")
+               "measured in the same rounds and bench_peak's). One network's GFLOP: "
+               f"{per_network}. xla rows: one timed round.")
   d = r.get("depthwise")
   if d:
     lines += ["", f"| depthwise {d['kernel']}x{d['kernel']}, C = {d['channels']}, "

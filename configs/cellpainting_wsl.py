@@ -13,8 +13,9 @@ Nesterov momentum 0.9, lr 0.005, L2 1e-5, batch 32, 30 epochs; features block6a_
 (672) averaged over space; site median, well mean, sphering on the controls.
 
 Variants (`:arg`, comma-separated):
-  runlocal    for a laptop CPU (~7 min on 2 cores): 3 synthetic plates of 40 wells, 64 px
-              crops, 300 steps, smaller null distributions
+  runlocal    for a laptop CPU (~8 min on 2 cores): 3 synthetic plates of 40 wells x 4
+              sites with strong phenotypes, 64 px crops, 800 steps at lr 0.05 (random
+              weights learn nothing in so few steps at 0.005), smaller null distributions
   members=N   ensemble size (default 1)
 """
 
@@ -28,12 +29,13 @@ def get_config(arg=None):
   c.ensemble.members = args.members
   if args.runlocal:
     c.data.source = "synthetic_plates"
-    c.data.synthetic_plates.update(plates=3, wells=40, sites=2, image_size=160,
+    c.data.synthetic_plates.update(plates=3, wells=40, sites=4, image_size=160,
                                    cells_per_site=8.0, nucleus_radius=6.0, cell_radius=14.0,
-                                   moas=4, compounds_per_moa=3, controls_per_plate=12)
+                                   moas=4, compounds_per_moa=3, controls_per_plate=12,
+                                   effect=8.0)
     c.data.crop_size = c.data.input_size = 64
     c.data.val_plates = "P03"
-    c.train.update(steps=300, log_every=10, checkpoint_every=100)
+    c.train.update(steps=800, lr=0.05, log_every=10, checkpoint_every=100)
     c.profile.retrieval.null_size = 2000
     c.profile.sphering.sweep = "1e-3,1e-2,1e-1,1"
   return c

@@ -108,6 +108,8 @@ def test_report_writes_between_markers(tmp_path):
   if (BENCH / "results" / "profiling.json").is_file():
     assert "#### Profiling kernels" in text
     assert "| case | wells | cellrep | reference | ratio | cellrep peak RSS |" in text
+  if (BENCH / "results" / "efficientnet.json").is_file():
+    assert "#### EfficientNet-B0 (Cell Painting CNN)" in text and "| depthwise 3x3" in text
   bare = tmp_path / "bare.md"
   bare.write_text("no markers\n")
   done = subprocess.run([sys.executable, str(BENCH / "report.py"), "--docs", str(bare)],

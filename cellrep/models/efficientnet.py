@@ -56,7 +56,12 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal"
 # small, and under BatchNorm gradients sqrt(C) times too large: training from scratch stalls);
 # its fan-in is Keras' fan-out.
 _DEPTHWISE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-_DENSE_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+# The classifier's: keras.applications' (fan-out 1/3: for ~1000 classes logits of sd ~0.4, but
+# for a dozen treatments sd ~3, and a loss near 4 that stalls training from scratch), or
+# Keras' default Dense init, glorot_uniform (DeepProfiler's own ClassProb layer on top of a
+# headless EfficientNet).
+HEAD_INITS = {"keras_applications": nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform"),
+              "glorot_uniform": nn.initializers.glorot_uniform()}
 
 
 def _pad(kernel: int, stride: int, style: str):
@@ -120,6 +125,7 @@ class EfficientNet(nn.Module):
   bn_momentum: float = 0.99
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  head_init: str = "keras_applications"
 
   @nn.compact
   def __call__(self, x, train: bool = False, capture: Sequence[str] = ()):
@@ -146,7 +152,7 @@ class EfficientNet(nn.Module):
     taps("avg_pool", features)
     taps("pool", features)
     features = nn.Dropout(self.dropout, deterministic=not train, name="top_dropout")(features)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_DENSE_INIT,
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=HEAD_INITS[self.head_init],
                       name="predictions")(features.astype(self.dtype))
     return taps.result(taps("logits", logits.astype(jnp.float32)))
 
@@ -154,7 +160,7 @@ class EfficientNet(nn.Module):
 def create(name: str = "efficientnet_b0", *, num_classes: int, dropout: float = 0.2,
            drop_connect: float = 0.0, padding: str = "same", bn_epsilon: float = 1e-3,
            bn_momentum: float = 0.99, dtype: str = "float32",
-           conv_impl: str = "auto") -> EfficientNet:
+           conv_impl: str = "auto", head_init: str = "keras_applications") -> EfficientNet:
   """EfficientNet-B0, its arguments checked (`BadValue` names one)."""
   if name != "efficientnet_b0":
     raise BadValue("name", f"unknown EfficientNet {name!r}", "efficientnet_b0")
@@ -167,10 +173,10 @@ def create(name: str = "efficientnet_b0", *, num_classes: int, dropout: float = 
     raise BadValue("bn_epsilon", f"epsilon {bn_epsilon}, momentum {bn_momentum}",
                    "epsilon > 0 and momentum in [0, 1)")
   check_choices(("padding", padding, PADDINGS), ("dtype", dtype_name(dtype), DTYPES),
-                ("conv_impl", conv_impl, CONV_IMPLS))
+                ("conv_impl", conv_impl, CONV_IMPLS), ("head_init", head_init, tuple(HEAD_INITS)))
   return EfficientNet(num_classes=num_classes, dropout=dropout, drop_connect=drop_connect,
                       padding=padding, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum,
-                      dtype=jnp.dtype(dtype), conv_impl=conv_impl)
+                      dtype=jnp.dtype(dtype), conv_impl=conv_impl, head_init=head_init)
 
 
 MODELS = {"efficientnet_b0": create}

@@ -54,6 +54,7 @@ from cellrep.train.optim import learning_rate, sgd
 
 SOURCES = ("store", "synthetic_plates")
 RESAMPLE = ("median", "none")
+STRENGTH_GROUPS = ("weakest", "median", "strongest")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -75,12 +76,16 @@ def default_config() -> ml_collections.ConfigDict:
       val_plate_fraction=0.25,             # else this fraction of the plates (at least one)
       train_cell_fraction=0.6,             # of each training well's cells; the rest held out
       resample="median",                   # every epoch each treatment drawn to the median count
+      # Train on a strength subset: "weakest", "median" or "strongest" (with the controls),
+      # the groups of strength_table (a profile evaluation's strength.parquet); "" = all.
+      train_strength="", strength_table="",
       workers=0, threads=8, prefetch=2,
       **stores.memory_defaults(),
       fov_window=0,
   )
   c.model = dict(name="efficientnet_b0", dropout=0.2, drop_connect=0.0, padding="same",
-                 bn_epsilon=1e-3, bn_momentum=0.99, dtype="float32", conv_impl="auto")
+                 bn_epsilon=1e-3, bn_momentum=0.99, dtype="float32", conv_impl="auto",
+                 head_init="glorot_uniform")  # DeepProfiler's ClassProb layer
   # Weights to start from: a Keras HDF5 (.h5, the Cell Painting CNN or keras.applications) or a
   # torchvision state_dict (.pt/.pth); "" = random. adapt: how 3 input channels become K.
   c.init = dict(weights="", adapt="average")
@@ -105,6 +110,13 @@ def validate(config) -> None:
   c, check = config, config_util.check
   config_util.check_choice(c, "data.source", SOURCES)
   config_util.check_choice(c, "data.resample", RESAMPLE)
+  config_util.check_choice(c, "data.train_strength", ("",) + STRENGTH_GROUPS)
+  check(bool(c.data.strength_table) == bool(c.data.train_strength), "data.strength_table",
+        "given without data.train_strength" if c.data.strength_table
+        else f"not given for data.train_strength={c.data.train_strength!r}",
+        "both or neither: a strength.parquet (profiles/<set>/ of a run) and a strength group")
+  if c.data.strength_table:
+    profile_eval.read_profiles(c.data.strength_table)  # exists and reads, before any long work
   config_util.check_choice(c, "data.normalize", ("standardize",))
   config_util.check_choice(c, "train.schedule", ("constant", "cosine"))
   if c.data.source == "store":
@@ -214,10 +226,15 @@ def prepare(config, workdir) -> Plan:
   config_util.check(bool(train_plates), "data.val_plates", "every plate is held out",
                     "at least one training plate")
   train_idx, val_cells_idx = _split_cells(cells, plates, train_plates, labels, d, config.seed)
+  if d.train_strength:
+    chosen = _strength_subset(d, columns.treatment, classes, labels, controls)
+    train_idx, val_cells_idx = train_idx[chosen[train_idx]], val_cells_idx[chosen[val_cells_idx]]
   if not len(train_idx):
     raise ConfigError("data.val_plates", "no cells with a treatment left to train on",
                       "training plates whose cells have treatments")
   val_plates_idx = np.flatnonzero(np.isin(plates, val_plates) & (labels >= 0))
+  if d.train_strength:
+    val_plates_idx = val_plates_idx[chosen[val_plates_idx]]
   if d.resample == "median":
     per_treatment = median_group_size(labels[train_idx])
     epoch = per_treatment * len(np.unique(labels[train_idx]))
@@ -230,6 +247,25 @@ def prepare(config, workdir) -> Plan:
                ",".join(val_plates), num_steps)
   return Plan(store, classes, labels, train_plates, val_plates, train_idx, val_cells_idx,
               val_plates_idx, per_treatment, num_steps, steps_per_epoch)
+
+
+def _strength_subset(d, treatment: str, classes, labels: np.ndarray,
+                     controls: np.ndarray) -> np.ndarray:
+  """[cells] bool: the cells of data.strength_table's data.train_strength treatments and the
+  controls' cells (the pretext task still tells treatments from the controls)."""
+  table = profile_eval.read_profiles(d.strength_table)
+  for column in (treatment, "strength_group"):
+    config_util.check(column in table, "data.strength_table",
+                      f"{d.strength_table} has no column {column!r}",
+                      "a strength.parquet of a profile evaluation (treatment, strength_group)")
+  names = set(table.loc[table.strength_group == d.train_strength, treatment].astype(str))
+  ids = [i for i, name in enumerate(classes) if name in names]
+  config_util.check(bool(ids), "data.train_strength",
+                    f"no treatment of the {d.train_strength!r} group of {d.strength_table} is "
+                    "in the store", "a strength table of this store's treatments")
+  logging.info("training on the %s %d treatments of %s and the controls", d.train_strength,
+               len(ids), d.strength_table)
+  return np.isin(labels, ids) | (controls & (labels >= 0))
 
 
 def _split_cells(cells: pd.DataFrame, plates: np.ndarray, train_plates, labels: np.ndarray, d,

@@ -254,7 +254,7 @@ def _sphering_figure(rep: Report, config, before: pd.DataFrame, after: pd.DataFr
 
   plate_col = config.profile.columns.plate
   controls = {}
-  fig, axes = plt.subplots(2, 2, figsize=(9, 8))
+  fig, axes = plt.subplots(2, 2, figsize=(9, 8), layout="constrained")
   for row, (title, wells) in enumerate((("unsphered", before), ("sphered", after))):
     feats = [c for c in wells.columns if not c.startswith("Metadata_")]
     pcs = _pca(wells[feats].to_numpy(np.float64))

@@ -92,14 +92,16 @@ def test_keras_h5_import_equals_keras(tmp_path):
   pytest.importorskip("h5py")
   reference = keras.applications.EfficientNetB0(weights=None, input_shape=(128, 128, 5), classes=7)
   rng = np.random.default_rng(0)
+  # Keras numbers auto-named layers per session: "normalization_1" after another model.
+  norm = next(layer for layer in reference.layers if isinstance(layer, keras.layers.Normalization))
   for w in reference.weights:
     name = w.path.split("/")[-1]
     value = _randomise(w.shape, name, rng)
-    if w.path.startswith("normalization/"):
+    if w.path.startswith(f"{norm.name}/"):
       value = {"mean": rng.normal(0, 5, w.shape), "variance": rng.uniform(1, 4, w.shape)}.get(name)
     if value is not None:
       w.assign(value.astype(np.float32))
-  reference.get_layer("normalization").finalize_state()  # it computes with copies of its weights
+  norm.finalize_state()  # it computes with copies of its weights
   path = tmp_path / "b0.h5"
   reference.save(path)
   x = np.random.default_rng(1).uniform(0, 255, (2, 128, 128, 5)).astype(np.float32)
@@ -205,3 +207,17 @@ def test_depthwise_kernels_are_initialised_as_keras_does():
     kernel = np.asarray(variables[block][f"{block}_dwconv"]["kernel"])
     assert kernel.shape[2] == 1
     assert abs(kernel.std() / np.sqrt(2.0 / k**2) - 1) < 0.1, (block, kernel.std())
+
+
+def test_classifier_initialisers():
+  # keras.applications: variance_scaling(1/3, fan_out, uniform); DeepProfiler's ClassProb:
+  # Keras' default glorot_uniform. For 13 classes the first is ~9x wider.
+  stds = {}
+  for head in ("keras_applications", "glorot_uniform"):
+    model = models.build({"name": "efficientnet_b0", "num_classes": 13, "head_init": head})
+    kernel = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 5)))["params"]["predictions"]["kernel"]
+    stds[head] = float(np.std(np.asarray(kernel)))
+  assert abs(stds["keras_applications"] / np.sqrt(1 / 3 / 13) - 1) < 0.05
+  assert abs(stds["glorot_uniform"] / np.sqrt(2 / (1280 + 13)) - 1) < 0.05
+  with pytest.raises(BadValue, match="head_init"):
+    models.build({"name": "efficientnet_b0", "head_init": "zeros"}, num_classes=3)

@@ -91,6 +91,29 @@ def test_splits_leave_plates_and_cells_out(tmp_path):
   assert plan.per_treatment == int(round(np.median(counts)))
 
 
+def test_trains_on_a_strength_subset_with_the_controls(tmp_path):
+  full = cellpainting.prepare(_tiny(), tmp_path / "w")
+  treatments = [c for c in full.classes if c != "DMSO"]
+  table = tmp_path / "strength.csv"
+  groups = ["strongest"] + ["weakest"] * (len(treatments) - 1)
+  pd.DataFrame({"Metadata_compound": treatments, "strength_group": groups}).to_csv(table)
+  plan = cellpainting.prepare(_tiny(**{"data.train_strength": "strongest",
+                                       "data.strength_table": str(table)}), tmp_path / "w")
+  allowed = {full.classes.index("DMSO"), full.classes.index(treatments[0])}
+  for name in ("train_idx", "val_cells_idx", "val_plates_idx"):
+    ours, theirs = getattr(plan, name), getattr(full, name)
+    assert set(plan.labels[ours]) == allowed, name
+    assert set(ours) == {i for i in theirs if full.labels[i] in allowed}, name
+  with pytest.raises(ConfigError, match="data.strength_table"):
+    cellpainting.validate(_tiny(**{"data.train_strength": "weakest"}))
+  with pytest.raises(InputError, match="nothing.parquet"):
+    cellpainting.validate(_tiny(**{"data.train_strength": "weakest",
+                                   "data.strength_table": str(tmp_path / "nothing.parquet")}))
+  with pytest.raises(ConfigError, match="data.train_strength"):
+    cellpainting.prepare(_tiny(**{"data.train_strength": "median",
+                                  "data.strength_table": str(table)}), tmp_path / "w")
+
+
 def test_bad_config_values_name_their_key(tmp_path):
   with pytest.raises(ConfigError, match="data.val_plates"):
     cellpainting.prepare(_tiny(**{"data.val_plates": "P99"}), tmp_path / "a")
