@@ -23,7 +23,7 @@ from typing import Any, Callable
 from cellrep.errors import BadValue
 
 # Files of cellrep.models that hold built-in models (their MODELS).
-_FILES = ("resnet", "efficientnet")
+_FILES = ("resnet", "efficientnet", "masked_autoencoder")
 # The RNG streams the train step gives every model (each member and step its own keys).
 RNG_STREAMS = ("dropout", "drop_path", "mask")
 
