@@ -206,7 +206,7 @@ def efficientnet(r: dict, floors: dict | None = None) -> list[str]:
         lines.append(f"| {label} | PyTorch torchvision | channels_last, {how}{threads}{loop} | "
                      f"{t['ms']:.0f} | {m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
                      f"{t['gflops']:.1f} | {mfu(t)} |")
-  flops = {task: c["model_flops"] for c in r["cases"] for task in [c["task"]]}
+  flops = {c["task"]: c["model_flops"] for c in r["cases"]}
   per_network = ", ".join(f"{EFFICIENTNET_TASKS.get(t, t)} {f / 1e9:.3g}" for t, f in
                           sorted(flops.items(), key=lambda kv: list(EFFICIENTNET_TASKS).index(kv[0])))
   lines.append(f"\nBatch {r['batch']} per network, input {r['input']}, {r['classes']} classes; "

@@ -115,8 +115,8 @@ def validate(config) -> None:
         "given without data.train_strength" if c.data.strength_table
         else f"not given for data.train_strength={c.data.train_strength!r}",
         "both or neither: a strength.parquet (profiles/<set>/ of a run) and a strength group")
-  if c.data.strength_table:
-    profile_eval.read_profiles(c.data.strength_table)  # exists and reads, before any long work
+  if c.data.strength_table:  # before any long work (the store, training)
+    _strength_treatments(c.data, c.profile.columns.treatment)
   config_util.check_choice(c, "data.normalize", ("standardize",))
   config_util.check_choice(c, "train.schedule", ("constant", "cosine"))
   if c.data.source == "store":
@@ -226,15 +226,14 @@ def prepare(config, workdir) -> Plan:
   config_util.check(bool(train_plates), "data.val_plates", "every plate is held out",
                     "at least one training plate")
   train_idx, val_cells_idx = _split_cells(cells, plates, train_plates, labels, d, config.seed)
+  val_plates_idx = np.flatnonzero(np.isin(plates, val_plates) & (labels >= 0))
   if d.train_strength:
     chosen = _strength_subset(d, columns.treatment, classes, labels, controls)
-    train_idx, val_cells_idx = train_idx[chosen[train_idx]], val_cells_idx[chosen[val_cells_idx]]
+    train_idx, val_cells_idx, val_plates_idx = (
+        idx[chosen[idx]] for idx in (train_idx, val_cells_idx, val_plates_idx))
   if not len(train_idx):
     raise ConfigError("data.val_plates", "no cells with a treatment left to train on",
                       "training plates whose cells have treatments")
-  val_plates_idx = np.flatnonzero(np.isin(plates, val_plates) & (labels >= 0))
-  if d.train_strength:
-    val_plates_idx = val_plates_idx[chosen[val_plates_idx]]
   if d.resample == "median":
     per_treatment = median_group_size(labels[train_idx])
     epoch = per_treatment * len(np.unique(labels[train_idx]))
@@ -249,23 +248,28 @@ def prepare(config, workdir) -> Plan:
               val_plates_idx, per_treatment, num_steps, steps_per_epoch)
 
 
-def _strength_subset(d, treatment: str, classes, labels: np.ndarray,
-                     controls: np.ndarray) -> np.ndarray:
-  """[cells] bool: the cells of data.strength_table's data.train_strength treatments and the
-  controls' cells (the pretext task still tells treatments from the controls)."""
+def _strength_treatments(d, treatment: str) -> set[str]:
+  """The data.train_strength treatments of data.strength_table (read and checked)."""
   table = profile_eval.read_profiles(d.strength_table)
   for column in (treatment, "strength_group"):
     config_util.check(column in table, "data.strength_table",
                       f"{d.strength_table} has no column {column!r}",
                       "a strength.parquet of a profile evaluation (treatment, strength_group)")
-  names = set(table.loc[table.strength_group == d.train_strength, treatment].astype(str))
+  return set(table.loc[table.strength_group == d.train_strength, treatment].astype(str))
+
+
+def _strength_subset(d, treatment: str, classes, labels: np.ndarray,
+                     controls: np.ndarray) -> np.ndarray:
+  """[cells] bool: the cells of data.strength_table's data.train_strength treatments and the
+  controls' cells (the pretext task still tells treatments from the controls)."""
+  names = _strength_treatments(d, treatment)
   ids = [i for i, name in enumerate(classes) if name in names]
   config_util.check(bool(ids), "data.train_strength",
                     f"no treatment of the {d.train_strength!r} group of {d.strength_table} is "
                     "in the store", "a strength table of this store's treatments")
   logging.info("training on the %s %d treatments of %s and the controls", d.train_strength,
                len(ids), d.strength_table)
-  return np.isin(labels, ids) | (controls & (labels >= 0))
+  return np.isin(labels, ids) | controls  # of cells with a treatment: all three sets
 
 
 def _split_cells(cells: pd.DataFrame, plates: np.ndarray, train_plates, labels: np.ndarray, d,
