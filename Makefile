@@ -10,8 +10,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
-BENCHMARKS := bench_peak bench_ensemble bench_inference bench_efficientnet bench_hostmem \
-  bench_pipeline bench_memory
+BENCHMARKS := bench_peak bench_ensemble bench_inference bench_efficientnet bench_unet \
+  bench_hostmem bench_pipeline bench_memory
 WORKDIR ?= workdir/demo
 
 .PHONY: install test test-all demo bench clean
@@ -39,9 +39,10 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,xgboost,bench]'
 	touch $@
 
-# About an hour and three quarters on a 2-core CPU (bench_memory runs the demo and
-# cellsighter:runlocal twice each: ~35 min; bench_efficientnet ~15-20 min on an idle machine,
-# twice that with other work on it, whose PyTorch rows it then slows several times over);
+# About two hours and a quarter on a 2-core CPU (bench_memory runs the demo and
+# cellsighter:runlocal twice each: ~35 min; bench_efficientnet ~15-20 min and bench_unet
+# ~25-35 min (an estimate) on an idle machine, twice that with other work on it, whose
+# PyTorch rows it then slows several times over);
 # each benchmark writes its JSON as it goes (bench_ensemble one
 # file per case group, bench_inference one per batch size; replicate AP at 100,000 wells, under
 # the retrieval's default 512 MiB block budget, in profiling_100000.json), then report.py

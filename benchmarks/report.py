@@ -6,11 +6,12 @@ r"""The performance tables of docs/performance.md, from the benchmark JSON files
 
 Reads the JSON files of benchmarks/results/ that exist: ensemble.json and one
 ensemble_<group>.json per further case group of bench_ensemble.py (`GROUPS`), peak.json,
-inference.json and inference_<batch>.json, efficientnet.json, hostmem.json, pipeline.json, profiling.json
-and profiling_*.json (bench_profiling.py runs with other sizes: their rows replace
-profiling.json's where they measured the reference). With --docs the tables replace what
-lies between the file's `<!-- bench:begin -->` and `<!-- bench:end -->` lines, so
-`make bench` leaves docs/performance.md with the numbers it measured.
+inference.json and inference_<batch>.json, efficientnet.json, unet.json, hostmem.json,
+pipeline.json, profiling.json and profiling_*.json (bench_profiling.py runs with other
+sizes: their rows replace profiling.json's where they measured the reference). With --docs
+the tables replace what lies between the file's `<!-- bench:begin -->` and
+`<!-- bench:end -->` lines, so `make bench` leaves docs/performance.md with the numbers it
+measured.
 
 MFU in the tables divides by the larger of the matmul reference timed in the
 benchmark's own rounds and the quiet one of `bench_peak.py`: a reference round
@@ -235,6 +236,69 @@ def efficientnet(r: dict, floors: dict | None = None) -> list[str]:
   return lines
 
 
+UNET_TASKS = {"train": "pretrain step", "embed": "embedding"}
+
+
+def unet(r: dict, floors: dict | None = None) -> list[str]:
+  """bench_unet.py: one row per variant and PyTorch case of each (task, size, members), the
+  parts of one (task, size, members) merged."""
+  nan = float("nan")
+  floors = floors or {}
+  refs = r.get("reference_gflops", {})
+
+  def mfu(row):
+    reference = max(refs.get(row.get("dtype"), nan), floors.get(row.get("dtype"), 0.0))
+    return f"{100 * row.get('gflops', nan) / reference:.0f}%"
+
+  merged = {}
+  for c in r["cases"]:
+    m = merged.setdefault((c["task"], c["size"], c["members"]), {"variants": {}, "batch": c["batch"]})
+    m["variants"].update(c["variants"])
+    m.update({k: c[k] for k in ("torch", "torch_bf16") if k in c})
+  order = list(r["variants"])
+  lines = ["| task | px, batch | M | implementation | convs / dtype | ms per step or batch "
+           "| member-images/s | vs PyTorch f32 | GFLOP/s | MFU |",
+           "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+  for (task, size, members), m in sorted(
+      merged.items(), key=lambda kv: (list(UNET_TASKS).index(kv[0][0]), -kv[0][1], kv[0][2])):
+    label = f"{UNET_TASKS.get(task, task)} | {size}, {m['batch']} | {members}"
+    for name in sorted(m["variants"], key=order.index):
+      v = m["variants"][name]
+      same = f" (= {v['same_program_as']})" if "same_program_as" in v else ""
+      how = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" and
+                             v.get("map_batch") else "")
+      lines.append(f"| {label} | {name}{same} | {v['conv_impl']} / {v['dtype']}, {how} | "
+                   f"{v['ms']:.0f} | {v['member_images_per_s']:.1f} | "
+                   f"{v.get('vs_torch', nan):.2f}x | {v['gflops']:.1f} | {mfu(v)} |")
+    for key, how in (("torch", "float32"), ("torch_bf16", "bf16 autocast")):
+      if key in m:
+        t = m[key]
+        loop = f", {members} in a loop" if members > 1 else ""
+        threads = f", {t['torch_threads']} threads" if "torch_threads" in t else ""
+        lines.append(f"| {label} | PyTorch (Cellpose's modules) | channels_last, {how}{threads}"
+                     f"{loop} | {t['ms']:.0f} | {t['member_images_per_s']:.1f} | "
+                     f"{m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
+                     f"{t['gflops']:.1f} | {mfu(t)} |")
+  flops = {(c["task"], c["size"], c["batch"]): c["model_flops"] for c in r["cases"]}
+  per_network = ", ".join(f"{UNET_TASKS.get(t, t)} at {s} px, batch {b}: {f / 1e9:.3g}"
+                          for (t, s, b), f in sorted(flops.items(), key=lambda kv: (
+                              list(UNET_TASKS).index(kv[0][0]), -kv[0][1])))
+  lines.append(f"\nMicrosnoop's masked U-Net (widths {'/'.join(map(str, r['widths']))}, "
+               f"{r['channels']} channel); pretrain step: {r['mask']}, forward (train-mode "
+               f"BatchNorm), MSE on the hidden pixels, backward, {r['optimizer']}; embedding: "
+               "the encoder to the L2-normalised mean of its deepest map, inference mode. M "
+               "networks: cellrep's one ensemble program (its members by `strategy`), "
+               "PyTorch's M networks (the same network in Cellpose's modules, "
+               "tests/test_masked_autoencoder_torch.py) one after the other. vs PyTorch f32 = "
+               "PyTorch float32's time / the row's (same task, size and M, same run). GFLOP/s "
+               "= M x one network's FLOPs (XLA cost analysis, XLA convolutions: embedding, its "
+               "program; pretrain, 3 x its train-mode forward pass and loss) / time; MFU = "
+               "that / the jitted matmul's GFLOP/s in the row's dtype (the larger of the one "
+               "measured in the same rounds and bench_peak's). One network's GFLOP: "
+               f"{per_network}.")
+  return lines
+
+
 def pipeline(r: dict) -> list[str]:
   best = {}
   for c in r["configs"]:
@@ -395,6 +459,8 @@ def markdown(results=benchlib.RESULTS) -> str:
     sections.append((None, [name], lambda rs: inference(*rs.values(), floors)))
   sections.append(("EfficientNet-B0 (Cell Painting CNN)", ["efficientnet"],
                    lambda rs: efficientnet(*rs.values(), floors)))
+  sections.append(("Microsnoop's masked U-Net (pretraining and embedding)", ["unet"],
+                   lambda rs: unet(*rs.values(), floors)))
   sections += [("Host-memory reuse", ["hostmem"], lambda rs: hostmem(*rs.values())),
                ("Crop pipeline", ["pipeline"], lambda rs: pipeline(*rs.values())),
                ("Peak memory of runs", ["memory"], lambda rs: memory(*rs.values())),

@@ -13,6 +13,12 @@ And the Cell Painting CNN's (DeepProfiler's) per-crop renormalisation:
   standardize  each channel of each crop to zero mean and unit standard deviation over
                the crop's pixels (a constant channel becomes zeros).
 
+And Cellpose's / Microsnoop's per-image scaling:
+
+  normalize99  each channel of each crop mapped by (x - p1) / (p99 - p1), its own 1st and
+               99th percentiles over the crop's pixels (numpy's linear interpolation), as
+               Cellpose's ``normalize99`` (a channel with p99 == p1 becomes zeros).
+
 Normalisation runs after `cellrep.data.augment.augment`: its Poisson resampling
 draws counts around the (blurred) pixel values, which only means something for
 raw counts, so the counts are resampled first and normalised second. The two
@@ -33,7 +39,7 @@ from cellrep.data.crops import NUM_MASK_CHANNELS
 from cellrep.data.store import Store
 from cellrep.errors import BadValue
 
-METHODS = ("none", "p99", "anscombe", "standardize")
+METHODS = ("none", "p99", "anscombe", "standardize", "normalize99")
 
 
 def check_method(method: str) -> None:
@@ -90,6 +96,15 @@ def standardize(x: jnp.ndarray, eps: float = 1e-6, axes: tuple[int, int] = (1, 2
   return jnp.where(flat, 0.0, dev / jnp.maximum(std, eps))
 
 
+def normalize99(x: jnp.ndarray, axes: tuple[int, int] = (1, 2)) -> jnp.ndarray:
+  """Each channel of each image to (x - p1) / (p99 - p1), its 1st and 99th percentiles over
+  its pixels (`axes`: H, W of NHWC); float32, and zeros where p99 == p1."""
+  x = x.astype(jnp.float32)
+  lo, hi = jnp.percentile(x, jnp.array([1.0, 99.0]), axis=axes, keepdims=True)
+  span = hi - lo
+  return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
 def normalize(images: jnp.ndarray, method: str, scales=None,
               masks: int = NUM_MASK_CHANNELS) -> jnp.ndarray:
   """Normalises the marker channels of network inputs.
@@ -114,6 +129,8 @@ def normalize(images: jnp.ndarray, method: str, scales=None,
     markers = 2.0 * jnp.sqrt(jnp.maximum(markers, 0.0) + 0.375)
   elif method == "standardize":
     markers = standardize(markers)
+  elif method == "normalize99":
+    markers = normalize99(markers)
   else:
     check_method(method)
   return jnp.concatenate([markers, masks], axis=-1)

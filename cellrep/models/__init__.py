@@ -47,6 +47,16 @@ def names() -> tuple[str, ...]:
   return tuple(sorted(_load()))
 
 
+def accepts(name: str, argument: str) -> bool:
+  """Whether model `name` takes `argument` (``num_classes``: a classifier; a reconstruction
+  model has none)."""
+  registry = _load()
+  if name not in registry:
+    raise BadValue("name", f"unknown model {name!r}", f"one of {sorted(registry)}")
+  params = inspect.signature(registry[name]).parameters
+  return argument in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 def build(spec, **overrides):
   """The Flax module of ``spec["name"]`` with the rest of `spec` and `overrides` as arguments.
 

@@ -23,7 +23,8 @@ Network, for ``widths`` (w_0, ..., w_{L-1}), default (32, 64, 128, 256):
   first (Cellpose's ``batchconvstyle``).
 - head: BatchNorm-ReLU-Conv1x1 back to the input's C channels (any C; Microsnoop: 1).
 
-Convolutions have biases and PyTorch's default initialisation, as the reference's.
+Convolutions have biases; kernels have PyTorch's default initialisation, as the reference's
+(biases start at zero, where PyTorch draws them uniform in ±1/sqrt(fan_in)).
 ``bn_momentum`` / ``bn_epsilon``: 0.95 / 1e-5 (PyTorch momentum 0.05, Cellpose's).
 ``dtype`` and ``conv_impl`` (`cellrep.ops.conv`; the max-pools follow it) are set by the
 run's policy; parameters and batch statistics stay float32.

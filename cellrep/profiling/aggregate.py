@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from cellrep.errors import InputError
-from cellrep.profiling import tables
+from cellrep.errors import BadValue, InputError
+from cellrep.profiling import sphering, tables
 
 OPERATIONS = ("median", "mean")
 log = logging.getLogger(__name__)
@@ -119,3 +119,30 @@ def aggregate_levels(cells: pd.DataFrame, site: Sequence[str], well: Sequence[st
   wells = aggregate(sites, well, "mean", nan, f"{source} (sites)")
   treatments = aggregate(wells, treatment, "mean", nan, f"{source} (wells)")
   return {"site": sites, "well": wells, "treatment": treatments}
+
+
+def batch_experiment_profiles(table: pd.DataFrame, features: Sequence[str], *, plate: str,
+                              treatment: str, controls, method: str = "ZCA-cor",
+                              reg: float | str = "knee", source: str = "profiles"
+                              ) -> pd.DataFrame:
+  """Microsnoop's batch experiments: one row per treatment (sorted): `treatment`, the Metadata_ columns constant within it,
+  and the mean over its rows, on every plate, of the sphered `features` (float32).
+
+  table: one row per FOV or well, `plate` and `treatment` Metadata_ columns. controls: a
+  pandas query on the Metadata_ columns or a boolean row mask; each plate is sphered on
+  its own controls (`sphering.sphere(..., by=plate)`: ZCA-cor, λ = knee / 10; the
+  controls' unit-variance convention is sphering's, ddof 1).
+  """
+  for role, col in (("plate", plate), ("treatment", treatment)):
+    if not str(col).startswith(tables.METADATA_PREFIX):
+      raise BadValue(role, f"column {col!r}", f"a {tables.METADATA_PREFIX} column")
+  features = list(features)
+  metadata = [c for c in features if str(c).startswith(tables.METADATA_PREFIX)]
+  if metadata:
+    raise BadValue("features", f"metadata column {metadata[0]!r}", "feature columns")
+  tables.require_columns(table, [plate, treatment] + features, source, "batch experiment")
+  profiles = table[tables.metadata_columns(table) + features].reset_index(drop=True)
+  if not isinstance(controls, str):
+    controls = np.asarray(controls, bool)
+  sphered = sphering.sphere(profiles, controls, method=method, reg=reg, by=plate, source=source)
+  return aggregate(sphered, [treatment], "mean", nan="raise", source=source)

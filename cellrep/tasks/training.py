@@ -80,7 +80,7 @@ def validate(config, min_input: int = 8) -> None:
   check(c.data.fov_window >= 0, "data.fov_window", f"{c.data.fov_window}",
         "0 (all cells shuffled together) or a number of FOVs shuffled together")
   with config_util.config_keys("model"):  # the model checks its own arguments
-    models.build(c.model, num_classes=1)
+    models.build(model_spec(c, 1))
   run_policy(c)
   check(c.ensemble.members >= 1, "ensemble.members", f"{c.ensemble.members}", "≥ 1")
   check(c.train.batch_size >= 1, "train.batch_size", f"{c.train.batch_size}", "≥ 1")
@@ -103,8 +103,12 @@ def steps(config, epoch_size: int) -> tuple[int, int]:
 
 
 def model_spec(config, num_classes: int) -> dict:
-  """The model's name and arguments (config.model, the classes from the data)."""
-  return dict(config.model.to_dict(), num_classes=num_classes)
+  """The model's name and arguments: config.model, and the classes from the data for a model
+  that has a classifier (`models.accepts`)."""
+  spec = config.model.to_dict()
+  if models.accepts(spec.get("name"), "num_classes"):
+    spec["num_classes"] = num_classes
+  return spec
 
 
 def run_policy(config) -> policy_lib.Policy:

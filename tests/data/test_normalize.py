@@ -28,6 +28,19 @@ def test_methods_on_markers_only():
     normalize.normalize(images, "p99")
 
 
+def test_normalize99_per_image_and_channel_as_cellpose():
+  rng = np.random.default_rng(3)
+  images = np.concatenate([rng.gamma(2.0, 3.0, (2, 8, 8, 2)), np.ones((2, 8, 8, 1)),
+                           rng.integers(0, 2, (2, 8, 8, 2))], axis=-1).astype(np.float32)
+  out = np.asarray(normalize.normalize(jnp.asarray(images), "normalize99"))
+  markers = images[..., :2]
+  lo = np.percentile(markers, 1, axis=(1, 2), keepdims=True)
+  hi = np.percentile(markers, 99, axis=(1, 2), keepdims=True)
+  np.testing.assert_allclose(out[..., :2], (markers - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[..., 2], 0.0)  # a constant channel: zeros, not NaN
+  np.testing.assert_array_equal(out[..., 3:], images[..., 3:])
+
+
 def test_channel_percentiles_over_cell_pixels(tmp_path):
   rng = np.random.default_rng(1)
   fovs = []
