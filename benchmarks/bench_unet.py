@@ -72,7 +72,9 @@ from __future__ import annotations
 import time
 
 import benchlib
+import convnet_cases
 import torch_ref
+from convnet_cases import build_cases, model_flops
 
 # name: (conv_impl, dtype)
 VARIANTS = {
@@ -105,139 +107,29 @@ def get_model(conv_impl: str, dtype: str):
   return models.build({"name": "masked_unet"}, conv_impl=conv_impl, dtype=dtype)
 
 
-class Builder:
-  """cellrep's cases of one (members, batch, size): `train(variant)` and `embed(variant)` give
-  (run(compiled programs) -> callable, info, [(lowered program, calls per step)])."""
+class Builder(convnet_cases.Builder):
+  """The masked U-Net's cases of one (members, batch, size): `case("train", variant)` and
+  `case("embed", variant)` (`convnet_cases.Builder`); train masks are drawn from the state's
+  step: fresh ones every call."""
 
-  def __init__(self, members: int, batch: int, size: int):
-    import jax
-    import numpy as np
+  variants, infer_task, layer, channels = VARIANTS, "embed", LAYER, CHANNELS
+
+  def model(self, conv_impl: str, dtype: str):
+    return get_model(conv_impl, dtype)
+
+  def optimizer(self):
     import optax
-    from cellrep.data.pipeline import data_sharding, to_device
-    from cellrep.train.ensemble import make_mesh
-    from cellrep.train.state import abstract_state, create_state, create_variables
+    return optax.adam(LR)
 
-    self.members, self.batch, self.size = members, batch, size
-    self.mesh = make_mesh(1, 1)
-    self.tx = optax.adam(LR)
-    nhwc = np.ascontiguousarray(host_batch(batch, size).transpose(0, 2, 3, 1))
-    self.data = to_device({"crop": nhwc}, data_sharding(self.mesh))
-    shape = (1, size, size, CHANNELS)
-    model = get_model("auto", "float32")
-    self.abstract = abstract_state(model, self.tx, shape, members, self.mesh)
-    self.state = {"state": create_state(jax.random.key(0), model, self.tx, shape, members,
-                                        self.mesh)}
-    self.variables = create_variables(jax.random.key(0), model, shape, members, self.mesh)
-    self.rng = jax.random.key(1)
+  def host_data(self, batch: int, size: int) -> dict:
+    import numpy as np
+    return {"crop": np.ascontiguousarray(host_batch(batch, size).transpose(0, 2, 3, 1))}
 
   def member_step(self, conv_impl: str, dtype: str):
     from cellrep.train.ensemble import MemberStep
     from cellrep.train.objectives import MaskedReconstruction
     return MemberStep(get_model(conv_impl, dtype), self.tx, lambda key, crop: crop,
                       MaskedReconstruction())
-
-  def train(self, variant: str):
-    import jax
-    from cellrep.train.ensemble import make_train_step
-
-    conv_impl, dtype = VARIANTS[variant]
-    step = make_train_step(self.member_step(conv_impl, dtype), self.mesh, self.abstract, "auto",
-                           batch=self.data).resolved(self.data)
-    lowered = step.lower(self.abstract, self.data, self.rng)
-    info = {"strategy": step.strategy, "map_batch": step.map_batch, "conv_impl": conv_impl,
-            "dtype": dtype}
-    held, data, rng = self.state, self.data, self.rng
-
-    def run(compiled):
-      (program, _), = compiled  # vmap and map steps are one program
-      def call():  # masks are drawn from the state's step: fresh ones every call
-        held["state"], metrics = program(held["state"], data, rng)
-        jax.block_until_ready(metrics)
-      return call
-
-    return run, info, lowered
-
-  def embed(self, variant: str):
-    import jax
-    from cellrep.infer.embed import make_embed_fn
-    from cellrep.infer.predict import as_policy
-
-    conv_impl, dtype = VARIANTS[variant]
-    model = get_model(conv_impl, "float32")
-    policy = as_policy("auto", model, dtype=dtype)
-    fn = make_embed_fn(model, lambda crop: crop, self.mesh, (LAYER,), policy)
-    lowered = [(fn.lower(self.variables, self.data["crop"]), 1)]
-    info = {"strategy": policy.predict_strategy, "map_batch": policy.predict_map_batch,
-            "conv_impl": policy.predict_conv_impl, "dtype": policy.predict_dtype}
-    variables, crops = self.variables, self.data["crop"]
-
-    def run(compiled):
-      (program, _), = compiled
-      return lambda: jax.block_until_ready(program(variables, crops))
-
-    return run, info, lowered
-
-
-def build_cases(builder: Builder, task: str, variants) -> dict:
-  """{variant: (run, info, compiled programs)}, ``auto`` variants that lower to the same
-  program as their implementation sharing its case (info["same_program_as"])."""
-  cases, texts = {}, {}
-  for variant in sorted(variants, key=lambda v: VARIANTS[v][0] == "auto"):  # auto last
-    make_run, info, lowered = getattr(builder, task)(variant)
-    text = "\n".join(low.as_text() for low, _ in lowered)
-    twin = next((v for v, t in texts.items() if t == text), None)
-    if twin is not None:
-      cases[variant] = (cases[twin][0], dict(info, same_program_as=twin), cases[twin][2])
-      print(f"  {task} {variant:12s} = {twin} (the same program)", flush=True)
-      continue
-    texts[variant] = text
-    t = time.perf_counter()
-    compiled = [(low.compile(), n) for low, n in lowered]
-    info["compile_s"] = time.perf_counter() - t
-    info["program_flops"] = sum(benchlib.cost_flops(c) * n for c, n in compiled)
-    if VARIANTS[variant] == ("xla", "float32") and builder.members == 1 and task == "embed":
-      _MODEL_FLOPS[(task, builder.batch, builder.size)] = info["program_flops"]
-    memory = compiled[0][0].memory_analysis()
-    info["temp_gib"] = memory.temp_size_in_bytes / 2**30 if memory else None
-    run = make_run(compiled)
-    t = time.perf_counter()
-    run()
-    info["first_call_s"] = time.perf_counter() - t
-    cases[variant] = (run, info, [c for c, _ in compiled])
-    print(f"  {task} {variant:12s} {info['strategy']}/{info['conv_impl']}/{info['dtype']} "
-          f"compile {info['compile_s']:.0f} s, first call {info['first_call_s']:.2f} s", flush=True)
-  return cases
-
-
-# (task, batch, size): one network's FLOPs (`model_flops`).
-_MODEL_FLOPS: dict[tuple, float] = {}
-
-
-def model_flops(builder: Builder, task: str) -> float:
-  """One network's FLOPs of `task` with XLA convolutions: train, 3 x its train-mode forward
-  pass and loss (`train_forward_flops`); embed, those of the one-network xla_f32 program
-  (part one's), else that program compiled for its cost analysis alone."""
-  key = (task, builder.batch, builder.size)
-  if key not in _MODEL_FLOPS and task == "train":
-    _MODEL_FLOPS[key] = 3 * train_forward_flops(builder)
-  if key not in _MODEL_FLOPS:
-    one = builder if builder.members == 1 else Builder(1, builder.batch, builder.size)
-    _, _, lowered = getattr(one, task)("xla_f32")
-    _MODEL_FLOPS[key] = sum(benchlib.cost_flops(low.compile()) * n for low, n in lowered)
-  return _MODEL_FLOPS[key]
-
-
-def train_forward_flops(builder: Builder) -> float:
-  """XLA's FLOPs of one network's train-mode forward pass and loss (`MemberStep.loss`: patch
-  mask, batch statistics, masked MSE), XLA convolutions, float32."""
-  import jax
-
-  member = builder.member_step("xla", "float32")
-  one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype), builder.abstract)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in builder.data.items()}
-  rngs = member.rngs(jax.random.key(0), 0, 0)
-  forward = jax.jit(lambda params, stats, b: member.loss(params, stats, b["crop"], b, rngs)[0])
-  return benchlib.cost_flops(forward.lower(one.params, one.batch_stats, batch).compile())
 
 
 def torch_cases(task: str, members: int, batch: int, size: int) -> dict:
@@ -272,21 +164,9 @@ def rows(task, members, batch, size, cases, tcases, timing, flops) -> dict:
 
 
 def finish(cases: list, refs: dict) -> None:
-  """MFU of every row (÷ the matmul reference of its dtype) and vs_torch of every variant:
-  PyTorch float32's time / the variant's, PyTorch of its own part or, for a part without
-  one, of another part's with the same task, size and members (``torch_from_part``)."""
-  for c in cases:
-    torch = c.get("torch")
-    if torch is None:
-      peer = next((d for d in cases if "torch" in d and all(
-          d[k] == c[k] for k in ("task", "members", "size", "batch"))), None)
-      if peer is not None:
-        torch, c["torch_from_part"] = peer["torch"], peer["part"]
-    for r in [*c["variants"].values(), *(c[k] for k in ("torch", "torch_bf16") if k in c)]:
-      r["mfu"] = r["gflops"] / refs.get(r["dtype"], float("nan"))
-    for r in c["variants"].values():
-      if torch is not None:
-        r["vs_torch"] = torch["median_wall_s"] / r["median_wall_s"]
+  """`convnet_cases.finish`, PyTorch of another part's with the same task, size, batch and
+  members where a part has none."""
+  convnet_cases.finish(cases, refs, ("task", "members", "size", "batch"))
 
 
 def show(r: dict) -> None:
@@ -349,13 +229,10 @@ def measure_part(args, part: str, members: int, shapes, variants, rounds: int, w
   return results, ({"reference_gflops": refs, "reference_times": ref_times} if refs else {})
 
 
-def _nan_refs() -> dict:
-  return {"float32": float("nan"), "bfloat16": float("nan")}
+_nan_refs = convnet_cases.nan_refs
 
 
-def _done(result: dict, part: str, start: float) -> None:
-  result["part_s"][part] = time.perf_counter() - start
-  print(f"  {part}: {result['part_s'][part]:.0f} s", flush=True)
+_done = convnet_cases.done
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -161,6 +161,33 @@ def inference(r: dict, floors: dict | None = None) -> list[str]:
   return lines
 
 
+def _convnet_rows(label: str, m: dict, members: int, order: list, mfu, torch_name: str,
+                  images: bool = False) -> list[str]:
+  """bench_efficientnet.py's and bench_unet.py's table rows of one merged (task, ..., members)
+  `m`: its variants in `order`, then PyTorch's; `images` adds a member-images/s column."""
+  nan = float("nan")
+  lines = []
+  for name in sorted(m["variants"], key=order.index):
+    v = m["variants"][name]
+    same = f" (= {v['same_program_as']})" if "same_program_as" in v else ""
+    how = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" and
+                           v.get("map_batch") else "")
+    rate = f" {v['member_images_per_s']:.1f} |" if images else ""
+    lines.append(f"| {label} | {name}{same} | {v['conv_impl']} / {v['dtype']}, {how} | "
+                 f"{v['ms']:.0f} |{rate} {v.get('vs_torch', nan):.2f}x | {v['gflops']:.1f} | "
+                 f"{mfu(v)} |")
+  for key, how in (("torch", "float32"), ("torch_bf16", "bf16 autocast")):
+    if key in m:
+      t = m[key]
+      loop = f", {members} in a loop" if members > 1 else ""
+      threads = f", {t['torch_threads']} threads" if "torch_threads" in t else ""
+      rate = f" {t['member_images_per_s']:.1f} |" if images else ""
+      lines.append(f"| {label} | {torch_name} | channels_last, {how}{threads}{loop} | "
+                   f"{t['ms']:.0f} |{rate} {m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
+                   f"{t['gflops']:.1f} | {mfu(t)} |")
+  return lines
+
+
 EFFICIENTNET_TASKS = {"train": "train step", "features": "features (block6a, pooled)"}
 DEPTHWISE_ROWS = {"xla": "XLA, feature_group_count",
                   "im2col": "cellrep im2col (views times taps, kernel gradient written out)",
@@ -191,22 +218,7 @@ def efficientnet(r: dict, floors: dict | None = None) -> list[str]:
                                    key=lambda kv: (list(EFFICIENTNET_TASKS).index(kv[0][0]),
                                                    kv[0][1])):
     label = f"{EFFICIENTNET_TASKS.get(task, task)} | {members}"
-    for name in sorted(m["variants"], key=order.index):
-      v = m["variants"][name]
-      same = f" (= {v['same_program_as']})" if "same_program_as" in v else ""
-      how = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" and
-                             v.get("map_batch") else "")
-      lines.append(f"| {label} | {name}{same} | {v['conv_impl']} / {v['dtype']}, {how} | "
-                   f"{v['ms']:.0f} | {v.get('vs_torch', nan):.2f}x | {v['gflops']:.1f} | "
-                   f"{mfu(v)} |")
-    for key, how in (("torch", "float32"), ("torch_bf16", "bf16 autocast")):
-      if key in m:
-        t = m[key]
-        loop = f", {members} in a loop" if members > 1 else ""
-        threads = f", {t['torch_threads']} threads" if "torch_threads" in t else ""
-        lines.append(f"| {label} | PyTorch torchvision | channels_last, {how}{threads}{loop} | "
-                     f"{t['ms']:.0f} | {m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
-                     f"{t['gflops']:.1f} | {mfu(t)} |")
+    lines += _convnet_rows(label, m, members, order, mfu, "PyTorch torchvision")
   flops = {c["task"]: c["model_flops"] for c in r["cases"]}
   per_network = ", ".join(f"{EFFICIENTNET_TASKS.get(t, t)} {f / 1e9:.3g}" for t, f in
                           sorted(flops.items(), key=lambda kv: list(EFFICIENTNET_TASKS).index(kv[0])))
@@ -262,23 +274,8 @@ def unet(r: dict, floors: dict | None = None) -> list[str]:
   for (task, size, members), m in sorted(
       merged.items(), key=lambda kv: (list(UNET_TASKS).index(kv[0][0]), -kv[0][1], kv[0][2])):
     label = f"{UNET_TASKS.get(task, task)} | {size}, {m['batch']} | {members}"
-    for name in sorted(m["variants"], key=order.index):
-      v = m["variants"][name]
-      same = f" (= {v['same_program_as']})" if "same_program_as" in v else ""
-      how = v["strategy"] + (f" of {v['map_batch']}" if v["strategy"] == "map" and
-                             v.get("map_batch") else "")
-      lines.append(f"| {label} | {name}{same} | {v['conv_impl']} / {v['dtype']}, {how} | "
-                   f"{v['ms']:.0f} | {v['member_images_per_s']:.1f} | "
-                   f"{v.get('vs_torch', nan):.2f}x | {v['gflops']:.1f} | {mfu(v)} |")
-    for key, how in (("torch", "float32"), ("torch_bf16", "bf16 autocast")):
-      if key in m:
-        t = m[key]
-        loop = f", {members} in a loop" if members > 1 else ""
-        threads = f", {t['torch_threads']} threads" if "torch_threads" in t else ""
-        lines.append(f"| {label} | PyTorch (Cellpose's modules) | channels_last, {how}{threads}"
-                     f"{loop} | {t['ms']:.0f} | {t['member_images_per_s']:.1f} | "
-                     f"{m['torch']['median_wall_s'] / t['median_wall_s']:.2f}x | "
-                     f"{t['gflops']:.1f} | {mfu(t)} |")
+    lines += _convnet_rows(label, m, members, order, mfu, "PyTorch (Cellpose's modules)",
+                           images=True)
   flops = {(c["task"], c["size"], c["batch"]): c["model_flops"] for c in r["cases"]}
   per_network = ", ".join(f"{UNET_TASKS.get(t, t)} at {s} px, batch {b}: {f / 1e9:.3g}"
                           for (t, s, b), f in sorted(flops.items(), key=lambda kv: (
