@@ -178,7 +178,8 @@ def cell_regions(image, mask, cell_ids, *, ratio: float = 2.5, cap: int = 224,
 
 class _WithMasks:
   """arrays [N, K, S, S] read a slice at a time with the crop layout's two mask channels
-  (zeros) appended: what an embedder's preprocessing takes."""
+  appended, ones (the whole input is the object, so an embedder that isolates the centre
+  cell keeps it all): what an embedder's preprocessing takes."""
 
   def __init__(self, arrays):
     self.arrays = arrays
@@ -188,7 +189,7 @@ class _WithMasks:
 
   def __getitem__(self, rows: slice) -> np.ndarray:
     x = np.asarray(self.arrays[rows], np.float32)
-    return np.concatenate([x, np.zeros((len(x), NUM_MASK_CHANNELS) + x.shape[2:], np.float32)], 1)
+    return np.concatenate([x, np.ones((len(x), NUM_MASK_CHANNELS) + x.shape[2:], np.float32)], 1)
 
 
 def embed_arrays(e: Embedder, arrays, *, batch_size: int = 64) -> np.ndarray:
@@ -196,8 +197,8 @@ def embed_arrays(e: Embedder, arrays, *, batch_size: int = 64) -> np.ndarray:
   K the markers of the store the embedder was made for, in its order (then mapped to the
   model's channels and normalised by its preprocessing); S any side (the centre
   input_size, zero-padded when smaller), S = trained.crop_size reproducing `embed_store`.
-  The two mask channels are fed as zeros: these inputs are for marker-only models
-  (Microsnoop's). A batch at a time, data-parallel over the mesh."""
+  The two mask channels are fed as ones (the input is the object): these inputs are for
+  marker-only models (Microsnoop's). A batch at a time, data-parallel over the mesh."""
   if np.ndim(arrays) != 4 or np.shape(arrays)[2] != np.shape(arrays)[3]:
     raise BadValue("arrays", f"shape {np.shape(arrays)}", "[N, K, S, S] markers")
   trained = e.trained

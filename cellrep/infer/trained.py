@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from cellrep import distributed, models
-from cellrep.data import augment, normalize as normalize_lib, transfer
+from cellrep.data import augment, isolate as isolate_lib, normalize as normalize_lib, transfer
 from cellrep.data.crops import NUM_MASK_CHANNELS, CropSource
 from cellrep.data.pipeline import data_sharding, eval_batches
 from cellrep.data.store import Store
@@ -68,6 +68,7 @@ class Trained:
   objective: Any = dataclasses.field(default_factory=objectives.SoftmaxCrossEntropy)
   spec: dict = dataclasses.field(default_factory=dict)  # model.json's "model"
   masks: bool = True
+  isolate: int = -1  # crops' markers zeroed beyond the centre cell's mask + this margin
 
   @property
   def members(self) -> int:
@@ -89,12 +90,15 @@ def input_shape(input_size: int, markers: int, masks: bool = True) -> tuple[int,
 
 
 def eval_preprocess(input_size: int, method: str = "none", scales=None,
-                    cmap: transfer.ChannelMap | None = None, masks: bool = True) -> Callable:
+                    cmap: transfer.ChannelMap | None = None, masks: bool = True,
+                    isolate: int = isolate_lib.OFF) -> Callable:
   """crops [B, K_store + 2, S, S] -> network inputs [B, n, n, K + 2] (K without masks): the
-  masks dropped when the network does not see them, channel map, centre crop, normalisation."""
+  centre cell isolated (`isolate` >= 0: `cellrep.data.isolate`), the masks dropped when the
+  network does not see them, channel map, centre crop, normalisation."""
   kept = NUM_MASK_CHANNELS if masks else 0
 
   def preprocess(crops):
+    crops = isolate_lib.isolate(crops, isolate)
     if not masks:
       crops = crops[:, :crops.shape[1] - NUM_MASK_CHANNELS]
     if cmap is not None:
@@ -117,7 +121,7 @@ def store_preprocess(trained: Trained, store: Store, *, min_overlap: float = 0.8
     # Divisors in the model's channel order; a missing channel is zeros, any divisor will do.
     scales = np.where(np.asarray(cmap.index) >= 0, own[np.maximum(cmap.index, 0)], 1.0)
   return eval_preprocess(trained.input_size, trained.normalize, scales, cmap,
-                         masks=trained.masks), cmap
+                         masks=trained.masks, isolate=trained.isolate), cmap
 
 
 def predictor(trained: Trained, store: Store, **kwargs) -> tuple[Callable, transfer.ChannelMap]:
@@ -179,13 +183,14 @@ def predict_store(trained: Trained, store: Store, indices: np.ndarray | None = N
 
 def write_model_json(workdir, *, spec: dict, members: int, objective, classes, channels,
                      input_size: int, crop_size: int, normalize: str, store, num_steps: int,
-                     steps_per_epoch: int, masks: bool = True) -> None:
+                     steps_per_epoch: int, masks: bool = True, isolate: int = -1) -> None:
   """model.json: everything `load` needs besides the checkpoint (written under a temporary
   name, then renamed)."""
   write_text(pathlib.Path(workdir) / MODEL_JSON, json.dumps({
       "model": dict(spec), "members": int(members), "objective": objectives.to_dict(objective),
       "classes": list(classes), "channels": list(channels), "input_size": int(input_size),
       "crop_size": int(crop_size), "normalize": normalize, "masks": bool(masks),
+      "isolate": int(isolate),
       "store": str(store),
       "num_steps": int(num_steps), "steps_per_epoch": int(steps_per_epoch)}, indent=1))
 
@@ -252,4 +257,5 @@ def load(workdir, *, mesh: Mesh | None = None, strategy: str = "auto", dtype: st
   return Trained(model=model, variables=variables, classes=classes, channels=channels,
                  input_size=input_size, crop_size=crop_size,
                  normalize=meta.get("normalize", "none"), mesh=mesh, policy=policy,
-                 objective=objective, spec=spec, masks=masks)
+                 objective=objective, spec=spec, masks=masks,
+                 isolate=int(meta.get("isolate", isolate_lib.OFF)))

@@ -36,7 +36,8 @@ from absl import logging
 from cellrep import config_util, files
 from cellrep.config_util import comma_list
 from cellrep.data import augment_microsnoop as augment_lib
-from cellrep.data import ingest, normalize as normalize_lib, pool as pool_lib, synthetic
+from cellrep.data import ingest, isolate as isolate_lib, normalize as normalize_lib
+from cellrep.data import pool as pool_lib, synthetic
 from cellrep.data.crops import NUM_MASK_CHANNELS
 from cellrep.data.sampling import EpochSampler
 from cellrep.data.store import Store, open_store
@@ -64,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
       crop_size=224,        # read window; a random input_size window of it is the input
       input_size=224,       # Microsnoop's 224 px
       normalize="normalize99",  # per image, as Microsnoop (embeddings read it from model.json)
+      isolate=0,            # unit "cells": markers zero beyond the centre cell's mask dilated by
+                            # this many px (Microsnoop's crops of one cell); -1: whole windows
       workers=0, threads=8, prefetch=2,
       **stores.memory_defaults(),
       fov_window=0,
@@ -101,6 +104,8 @@ def validate(config) -> None:
       synthetic.from_config(dict(d.synthetic.to_dict(), n_fovs=d.synthetic_fovs))
   config_util.check_choice(c, "data.unit", pool_lib.UNITS)
   check(d.tile_spacing >= 1, "data.tile_spacing", f"{d.tile_spacing}", "a spacing ≥ 1 px")
+  check(isinstance(d.isolate, int) and d.isolate >= isolate_lib.OFF, "data.isolate",
+        f"{d.isolate!r}", f"a margin ≥ 0 px, or {isolate_lib.OFF} for whole windows")
   config_util.check_choice(c, "data.normalize", ("normalize99", "standardize", "none"))
   config_util.check_choice(c, "train.schedule", ("constant", "cosine"))
   training.validate(c, min_input=8)
@@ -208,12 +213,16 @@ def train(config, workdir, plan: Plan, writer) -> trained_lib.Trained:
   cfg = augment_lib.PretrainAugmentConfig(**config.augment.to_dict())
   augment = functools.partial(augment_lib.augment, input_size=config.data.input_size, cfg=cfg)
 
+  margin = config.data.isolate if config.data.unit == "cells" else isolate_lib.OFF
+
   def preprocess(key, crops):
+    crops = isolate_lib.isolate(crops, margin)
     x = augment(key, crops[:, :crops.shape[1] - NUM_MASK_CHANNELS])
     return normalize_lib.normalize(x, config.data.normalize, masks=0)
 
   recipe = training.Recipe(sampler, preprocess, tx, schedule,
-                           MaskedReconstruction(config.objective.masked_only), masks=False)
+                           MaskedReconstruction(config.objective.masked_only), masks=False,
+                           isolate=margin)
   return training.fit_ensemble(config, workdir, plan, writer, recipe)
 
 

@@ -54,6 +54,9 @@ class Recipe:
     variables (some or all of them) to start every member from: weights a user brings,
     called only when no checkpoint exists; what it leaves out (a new classifier) keeps
     each member's own initialisation.
+  isolate: the margin (px) beyond the centre cell's mask that `preprocess` zeroes
+    (`cellrep.data.isolate`; -1: none), written to model.json so that embeddings and
+    predictions see crops as training did.
   """
   sampler: EpochSampler
   preprocess: Callable[[jax.Array, jax.Array], jax.Array]
@@ -62,6 +65,7 @@ class Recipe:
   objective: Any
   masks: bool = True
   initial: Callable[[], dict] | None = None
+  isolate: int = -1
 
 
 def validate(config, min_input: int = 8) -> None:
@@ -199,7 +203,8 @@ def fit_ensemble(config, workdir, plan, writer: MetricWriter, recipe: Recipe
                                classes=plan.classes, channels=channels, input_size=input_size,
                                crop_size=config.data.crop_size, normalize=config.data.normalize,
                                store=store.path, num_steps=num_steps,
-                               steps_per_epoch=plan.steps_per_epoch, masks=recipe.masks)
+                               steps_per_epoch=plan.steps_per_epoch, masks=recipe.masks,
+                               isolate=recipe.isolate)
   input_shape = trained_lib.input_shape(input_size, len(channels), recipe.masks)
   abstract = abstract_state(model, recipe.tx, input_shape, members, mesh)
   checkpointer = Checkpointer(workdir / "checkpoints", config.train.keep_checkpoints)

@@ -67,7 +67,7 @@ def test_pools_every_source_and_saves_a_one_channel_model(run):
   assert {"a", "b", "HH3"} <= set(pool.cells.Metadata_Channel)
   trained = trained_lib.load(workdir, dtype="float32")
   assert trained.input_shape == (1, 16, 16, 1) and trained.channels == ("image",)
-  assert trained.normalize == "normalize99"
+  assert trained.normalize == "normalize99" and trained.isolate == 0  # read by embeddings
 
 
 def test_resumes_without_training_again(run):
@@ -101,6 +101,7 @@ def test_its_model_embeds_any_store_per_channel(run, tmp_path):
     ({"probe.ratios": "2.5,x"}, "probe.ratios"),
     ({"sweep.mask_ratios": "0.5,1.5"}, "sweep.mask_ratios"),
     ({"data.unit": "fovs"}, "data.unit"),
+    ({"data.isolate": -3}, "data.isolate"),
     ({"probe.folds": 1}, "probe.folds"),
     ({"model.widths": (8, 0)}, "model.widths"),
 ])
