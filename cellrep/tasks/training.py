@@ -235,4 +235,4 @@ def fit_ensemble(config, workdir, plan, writer: MetricWriter, recipe: Recipe
                              channels=channels, input_size=input_size,
                              crop_size=config.data.crop_size, normalize=config.data.normalize,
                              mesh=mesh, policy=policy, objective=recipe.objective, spec=spec,
-                             masks=recipe.masks)
+                             masks=recipe.masks, isolate=recipe.isolate)

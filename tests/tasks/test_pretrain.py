@@ -10,7 +10,7 @@ import pytest
 
 from cellrep.errors import CellrepError
 from cellrep.infer import trained as trained_lib
-from cellrep.tasks import embed, pretrain
+from cellrep.tasks import embed, pretrain, pretrain_probes
 from cellrep.train.metrics import read_metrics
 from tests.data.helpers import square_cells_store
 from tests.tasks.helpers import get_config, override
@@ -68,6 +68,17 @@ def test_pools_every_source_and_saves_a_one_channel_model(run):
   trained = trained_lib.load(workdir, dtype="float32")
   assert trained.input_shape == (1, 16, 16, 1) and trained.channels == ("image",)
   assert trained.normalize == "normalize99" and trained.isolate == 0  # read by embeddings
+
+
+def test_its_probes_are_those_of_the_saved_model(run, tmp_path):
+  """The run probes the model it hands back; reloading model.json gives the same numbers
+  (every preprocessing choice, e.g. data.isolate, travels through the file)."""
+  root, config, scalars = run
+  workdir = root / "run"
+  store = pretrain_probes.open_probe_store(config, workdir)
+  table = pretrain_probes.probe_all(config, tmp_path, trained_lib.load(workdir), store)
+  again = pretrain_probes.scalars(table)
+  assert again == pytest.approx({k: v for k, v in scalars.items() if k in again}, abs=1e-6)
 
 
 def test_resumes_without_training_again(run):
